@@ -1,0 +1,169 @@
+"""ResNet18 heatmap network: grayscale stem, deconvolution head, one map per keypoint.
+
+Note:
+    N: batch, K: keypoints (68), S: input side (a multiple of 32), h = w = S / 4: map side.
+
+Input is a float tensor (N, 1, S, S) with grey values in [0, 1] (see :func:`images_to_tensor`);
+the network normalises it itself, so callers never handle normalisation constants. The output is
+(N, K, S/4, S/4): heatmaps for the ``mse`` loss, logits for ``bce`` (:func:`outputs_to_heatmaps`).
+"""
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.models import ResNet18_Weights, resnet18
+
+LOSSES = ("mse", "bce")
+STRIDE = 4  # input pixels per heatmap cell
+# ImageNet RGB statistics averaged to one grey channel.
+GREY_MEAN = 0.449
+GREY_STD = 0.226
+
+
+class HeatmapNet(nn.Module):
+    """ResNet18 backbone (stride 32) + 3 x [ConvTranspose2d k4 s2 p1, BN, ReLU] + 1x1 conv.
+
+    Args:
+        num_keypoints: K, number of output maps.
+        head_width: channels of each deconvolution layer.
+        dropout: dropout probability before the final 1x1 conv (0 = none).
+    """
+
+    def __init__(self, num_keypoints: int = 68, head_width: int = 256, dropout: float = 0.0):
+        super().__init__()
+        if head_width < 1:
+            raise ValueError(f"HeatmapNet: head_width must be >= 1, got {head_width}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"HeatmapNet: dropout must be in [0, 1), got {dropout}")
+        net = resnet18(weights=None)
+        net.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.backbone = nn.Sequential(
+            net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4
+        )
+        layers: list[nn.Module] = []
+        in_ch = 512
+        for _ in range(3):
+            layers += [
+                nn.ConvTranspose2d(in_ch, head_width, kernel_size=4, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(head_width),
+                nn.ReLU(inplace=True),
+            ]
+            in_ch = head_width
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        self.head = nn.Sequential(*layers)
+        self.final = nn.Conv2d(head_width, num_keypoints, kernel_size=1)
+        self.num_keypoints = num_keypoints
+        self.init_weights()
+
+    def init_weights(self, prior: float | None = None, backbone: bool = True) -> None:
+        """Kaiming-normal convs, unit BatchNorm, small-normal last layer.
+
+        Args:
+            prior: mean target value; when given, the last bias is ``logit(prior)`` so that BCE
+                starts at the target prior instead of 0.5 (else the bias is 0).
+            backbone: also re-initialise the backbone (False keeps pretrained weights).
+        """
+        modules = list(self.head.modules()) + (list(self.backbone.modules()) if backbone else [])
+        for m in modules:
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.final.weight, std=1e-3)
+        bias = 0.0 if prior is None else math.log(prior / (1.0 - prior))
+        nn.init.constant_(self.final.bias, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 1, S, S) grey in [0, 1] -> (N, K, S/4, S/4) raw outputs."""
+        assert x.ndim == 4 and x.shape[1] == 1, f"expected (N, 1, S, S), got {tuple(x.shape)}"
+        assert x.shape[-1] % 32 == 0 and x.shape[-2] % 32 == 0, (
+            f"input side must be a multiple of 32, got {tuple(x.shape[-2:])}"
+        )
+        x = (x - GREY_MEAN) / GREY_STD
+        return self.final(self.head(self.backbone(x)))
+
+
+def build_model(
+    num_keypoints: int = 68,
+    head_width: int = 256,
+    dropout: float = 0.0,
+    pretrained: bool = False,
+    prior: float | None = None,
+) -> HeatmapNet:
+    """Build and initialise a :class:`HeatmapNet`.
+
+    Args:
+        pretrained: start the backbone from torchvision's ImageNet ResNet18 (RGB stem summed to one
+            channel, as timm's ``adapt_input_conv`` does). When the weights cannot be had (offline),
+            prints one line to stderr and continues from scratch.
+        prior: BCE target prior for the last bias (see :meth:`HeatmapNet.init_weights`).
+    """
+    model = HeatmapNet(num_keypoints, head_width, dropout)
+    loaded = pretrained and load_imagenet_backbone(model)
+    model.init_weights(prior=prior, backbone=not loaded)
+    return model
+
+
+def load_imagenet_backbone(model: HeatmapNet) -> bool:
+    """Copy ImageNet ResNet18 weights into ``model.backbone``; False (with a notice) if unavailable."""
+    try:
+        ref = resnet18(weights=ResNet18_Weights.IMAGENET1K_V1)
+    except Exception as err:  # offline: URLError / OSError / RuntimeError from the hub download
+        print(f"pretrained: ImageNet ResNet18 weights unavailable ({type(err).__name__}: {err}); "
+              "training from scratch", file=sys.stderr)
+        return False
+    ref.conv1.weight.data = ref.conv1.weight.data.sum(dim=1, keepdim=True)
+    src = nn.Sequential(ref.conv1, ref.bn1, ref.relu, ref.maxpool,
+                        ref.layer1, ref.layer2, ref.layer3, ref.layer4)
+    model.backbone.load_state_dict(src.state_dict())
+    return True
+
+
+def images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 crops (N, S, S) -> float32 tensor (N, 1, S, S) in [0, 1]."""
+    assert images.ndim == 3, f"expected (N, S, S) images, got {images.shape}"
+    return torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1).float().div_(255.0)
+
+
+def outputs_to_heatmaps(outputs: torch.Tensor, loss: str) -> torch.Tensor:
+    """Network outputs -> heatmaps in target units: sigmoid for ``bce`` logits, as-is for ``mse``."""
+    if loss == "bce":
+        return torch.sigmoid(outputs)
+    if loss == "mse":
+        return outputs
+    raise ValueError(f"outputs_to_heatmaps: unknown loss {loss!r}; allowed: {LOSSES}")
+
+
+def heatmap_loss(
+    outputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, loss: str
+) -> torch.Tensor:
+    """Per-keypoint weighted heatmap loss.
+
+    Args:
+        outputs: (N, K, h, w) network outputs (logits for ``bce``).
+        targets: (N, K, h, w) target heatmaps in [0, 1].
+        weights: (N, K) per-keypoint weights (visibility); 0 drops a keypoint.
+        loss: ``mse`` (squared error) or ``bce`` (binary cross-entropy with logits).
+
+    Returns:
+        Scalar: sum_nk weights * mean_pixels(loss) / max(sum_nk weights, 1).
+    """
+    outputs = outputs.float()
+    targets = targets.float()
+    if loss == "mse":
+        per_pixel = (outputs - targets).square()
+    elif loss == "bce":
+        per_pixel = nn.functional.binary_cross_entropy_with_logits(outputs, targets, reduction="none")
+    else:
+        raise ValueError(f"heatmap_loss: unknown loss {loss!r}; allowed: {LOSSES}")
+    per_kp = per_pixel.mean(dim=(-2, -1))
+    weights = weights.to(per_kp.dtype)
+    return (per_kp * weights).sum() / weights.sum().clamp_min(1.0)

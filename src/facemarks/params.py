@@ -1,0 +1,298 @@
+"""Typed, validated parameters: one frozen dataclass per ``params.yaml`` section.
+
+Every stage calls :func:`load_params` once, before any work. An unknown key, a wrong type or an
+out-of-range value raises :class:`ParamsError` with one line naming the key and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_PATH = "params.yaml"
+
+
+class ParamsError(ValueError):
+    """A bad parameter value; ``str(err)`` is one line naming the key."""
+
+
+def _p(default: Any, lo: float | None = None, hi: float | None = None, *, choices: tuple | None = None,
+       lo_open: bool = False, pattern: str | None = None, doc: str = "") -> Any:
+    """A field with validation metadata: inclusive range ``[lo, hi]`` (``lo_open`` → ``(lo, hi]``) or ``choices``."""
+    meta = {"lo": lo, "hi": hi, "choices": choices, "lo_open": lo_open, "pattern": pattern, "doc": doc}
+    return field(default=default, metadata=meta)
+
+
+# ----------------------------------------------------------------------------------------------- sections
+@dataclass(frozen=True)
+class Base:
+    seed: int = _p(0, 0, 2**31 - 1, doc="global seed")
+    experiment: str = _p("facemarks", pattern=r"^[\w.\- ]+$", doc="MLflow experiment name")
+
+
+@dataclass(frozen=True)
+class Synthetic:
+    n_train: int = _p(1500, 1, 1_000_000)
+    n_test: int = _p(300, 1, 1_000_000)
+    min_size: int = _p(160, 32, 4096)
+    max_size: int = _p(400, 32, 4096)
+    max_yaw: float = _p(40.0, 0, 89)
+    max_pitch: float = _p(20.0, 0, 89)
+    max_roll: float = _p(30.0, 0, 180)
+    occluder_prob: float = _p(0.3, 0, 1)
+    blur_prob: float = _p(0.3, 0, 1)
+    noise_std: float = _p(4.0, 0, 64)
+    workers: int = _p(2, 1, 64)
+
+
+@dataclass(frozen=True)
+class Ibug300w:
+    url: str = _p("http://dlib.net/files/data/ibug_300W_large_face_landmark_dataset.tar.gz", pattern=r"^(https?|file)://\S+$")
+    sha256: str = _p("", pattern=r"^([0-9a-f]{64})?$", doc="expected SHA-256 (empty: record on first download)")
+    cache_dir: str = _p("data/cache", pattern=r"^[^/\\~][^~]*$", doc="relative folder for the tarball")
+    timeout_s: float = _p(30.0, 0, 3600, lo_open=True)
+
+
+@dataclass(frozen=True)
+class Local:
+    path: str = _p("", doc="folder with dlib XML, or images with .pts files")
+    test_fraction: float = _p(0.2, 0, 1, lo_open=True)
+
+
+@dataclass(frozen=True)
+class Data:
+    source: str = _p("synthetic", choices=("synthetic", "ibug300w", "local"))
+    on_bad: str = _p("error", choices=("error", "skip"))
+    synthetic: Synthetic = field(default_factory=Synthetic)
+    ibug300w: Ibug300w = field(default_factory=Ibug300w)
+    local: Local = field(default_factory=Local)
+
+
+@dataclass(frozen=True)
+class Augment:
+    size: int = _p(128, 16, 1024, doc="model input size (px), a multiple of 4")
+    margin: float = _p(0.25, 0, 2, doc="crop margin around the box, fraction of the box size")
+    copies: int = _p(2, 0, 100, doc="augmented copies per training image")
+    val_fraction: float = _p(0.1, 0, 0.9)
+    rotation: float = _p(20.0, 0, 180, doc="max |rotation| degrees")
+    scale_min: float = _p(0.9, 0.1, 10, lo_open=True)
+    scale_max: float = _p(1.1, 0.1, 10, lo_open=True)
+    translate: float = _p(0.05, 0, 0.5, doc="max shift, fraction of the crop size")
+    flip_prob: float = _p(0.5, 0, 1)
+    brightness: float = _p(0.2, 0, 1)
+    contrast: float = _p(0.2, 0, 1)
+    gamma: float = _p(0.2, 0, 1)
+    blur_prob: float = _p(0.2, 0, 1)
+    blur_sigma: float = _p(1.0, 0, 10)
+    noise_std: float = _p(3.0, 0, 64)
+    workers: int = _p(2, 1, 64)
+
+
+DECODER_NAMES = ("argmax", "argmax_quarter", "weighted_average", "local_weighted_average", "soft_argmax", "dark",
+                 "subpixel")
+
+
+@dataclass(frozen=True)
+class Encode:
+    sigma: float = _p(1.5, 0.25, 10, doc="Gaussian sigma in heatmap pixels")
+    dtype: str = _p("float16", choices=("float16", "float32"))
+    decoder: str = _p("subpixel", choices=DECODER_NAMES)
+    roundtrip_points: int = _p(2000, 1, 10_000_000)
+
+
+@dataclass(frozen=True)
+class Train:
+    epochs_phase1: int = _p(4, 1, 1000)
+    epochs_phase2: int = _p(2, 0, 1000)
+    lr: float = _p(5e-3, 0, 10, lo_open=True)
+    lr_drop: float = _p(0.1, 0, 1, lo_open=True)
+    batch_size: int = _p(64, 1, 65536)
+    weight_decay: float = _p(1e-5, 0, 1)
+    grad_clip: float = _p(5.0, 0, 1e6)
+    head_width: int = _p(128, 8, 4096)
+    dropout: float = _p(0.1, 0, 0.9)
+    pretrained: bool = _p(False)
+    device: str = _p("auto", choices=("auto", "cpu", "cuda"))
+    workers: int = _p(0, 0, 64)
+    amp: bool = _p(True, doc="bf16 autocast on CUDA (ignored on CPU)")
+
+
+@dataclass(frozen=True)
+class Evaluate:
+    threshold: float = _p(0.08, 0, 1, lo_open=True, doc="FR/AUC threshold on NME (fraction)")
+    batch_size: int = _p(64, 1, 65536)
+    speed_faces: int = _p(32, 1, 100000, doc="faces timed for the ms/face speed rows")
+    peers: bool = _p(True, doc="add the dlib68 row when the peers extra is installed")
+
+
+@dataclass(frozen=True)
+class Plot:
+    n_examples: int = _p(8, 1, 64)
+    n_heatmap_points: int = _p(4, 1, 68)
+    dpi: int = _p(100, 30, 600)
+
+
+@dataclass(frozen=True)
+class Params:
+    base: Base = field(default_factory=Base)
+    data: Data = field(default_factory=Data)
+    augment: Augment = field(default_factory=Augment)
+    encode: Encode = field(default_factory=Encode)
+    train: Train = field(default_factory=Train)
+    evaluate: Evaluate = field(default_factory=Evaluate)
+    plot: Plot = field(default_factory=Plot)
+
+    def check(self) -> None:
+        """Cross-field rules."""
+        s = self.data.synthetic
+        if s.max_size < s.min_size:
+            raise ParamsError(f"data.synthetic.max_size = {s.max_size} must be ≥ data.synthetic.min_size = {s.min_size}")
+        a = self.augment
+        if a.scale_max < a.scale_min:
+            raise ParamsError(f"augment.scale_max = {a.scale_max} must be ≥ augment.scale_min = {a.scale_min}")
+        if a.size % 4:
+            raise ParamsError(f"augment.size = {a.size} must be a multiple of 4 (heatmaps are 1/4 of the input)")
+        if self.data.source == "local" and not self.data.local.path:
+            raise ParamsError("data.local.path is empty: set it to a folder when data.source = local")
+
+
+# ----------------------------------------------------------------------------------------------- validation
+def _describe(f: dataclasses.Field) -> str:
+    m = f.metadata
+    if m.get("choices"):
+        return "one of " + ", ".join(map(str, m["choices"]))
+    lo, hi = m.get("lo"), m.get("hi")
+    if lo is not None and hi is not None:
+        return f"in {'(' if m.get('lo_open') else '['}{lo}, {hi}]"
+    if m.get("pattern"):
+        return f"a string matching {m['pattern']}"
+    return f"a {_type_name(f.type)}"
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, f: dataclasses.Field, tp: type, value: Any) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    ok = (
+        (tp is bool and isinstance(value, bool))
+        or (tp is int and isinstance(value, int) and not isinstance(value, bool))
+        or (tp is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (tp is str and isinstance(value, str))
+    )
+    if not ok:
+        raise ParamsError(f"{key} = {value!r} has the wrong type: expected {_type_name(tp)}, {_describe(f)}")
+    if tp is float:
+        value = float(value)
+        if not math.isfinite(value):
+            raise ParamsError(f"{key} = {value!r} must be finite ({_describe(f)})")
+    m = f.metadata
+    if m.get("choices") and value not in m["choices"]:
+        raise ParamsError(f"{key} = {value!r} is not allowed: expected {_describe(f)}")
+    lo, hi = m.get("lo"), m.get("hi")
+    if tp in (int, float) and lo is not None:
+        if value < lo or (m.get("lo_open") and value == lo) or (hi is not None and value > hi):
+            raise ParamsError(f"{key} = {value!r} is out of range: allowed {_describe(f)}")
+    if tp is str and m.get("pattern") and not re.match(m["pattern"], value):
+        raise ParamsError(f"{key} = {value!r} is not allowed: expected {_describe(f)}")
+    return value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{prefix or 'params'} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            name = f"{prefix}.{key}" if prefix else str(key)
+            raise ParamsError(f"unknown key {name} (allowed: {', '.join(fields)})")
+    kwargs = {}
+    for name, value in raw.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(key, fields[name], hints[name], value)
+    return cls(**kwargs)
+
+
+def parse_params(raw: Any) -> Params:
+    """Validate a parsed ``params.yaml`` mapping into :class:`Params`."""
+    params = _build(Params, raw, "")
+    params.check()
+    return params
+
+
+def load_params(path: str | Path = DEFAULT_PATH) -> Params:
+    """Read and validate ``params.yaml``; raises :class:`ParamsError` (one line) on any bad value."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ParamsError(f"{path} not found (run from the repository root)") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
+    return parse_params(raw)
+
+
+def load_section(name: str, path: str | Path = DEFAULT_PATH) -> Any:
+    """Validate the whole file, return one section's dataclass."""
+    return getattr(load_params(path), name)
+
+
+def as_dict(section: Any) -> dict[str, Any]:
+    """A section dataclass as a plain nested dict (for logging)."""
+    return dataclasses.asdict(section)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}``."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def _merge(dst: Any, src: dict[str, Any]) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def apply_preset(preset: str | Path, path: str | Path = DEFAULT_PATH) -> dict[str, Any]:
+    """Merge the overrides in ``preset`` (a YAML file) into ``params.yaml``, keeping its comments.
+
+    The result is validated before it is written; on error the file is left untouched.
+    Returns the flattened overrides.
+    """
+    from ruamel.yaml import YAML
+
+    from facemarks.atomic import atomic_path
+
+    ry = YAML()
+    ry.preserve_quotes = True
+    # ruamel keeps each scalar's spelling (e.g. ``1.0e-05``) so the result stays valid YAML 1.1 for PyYAML readers.
+    overrides = ry.load(Path(preset).read_text(encoding="utf-8")) or {}
+    path = Path(path)
+    doc = ry.load(path.read_text(encoding="utf-8"))
+    _merge(doc, overrides)
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            ry.dump(doc, f)
+        load_params(tmp)  # validate before replacing
+    return flatten(yaml.safe_load(Path(preset).read_text(encoding="utf-8")) or {})
