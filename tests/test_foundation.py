@@ -1,0 +1,108 @@
+"""Atomic writes, split folders, landmark tables and MLflow store location."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from facemarks import atomic, landmarks, store, tracking
+
+
+def test_atomic_path_leaves_old_file_on_error(tmp_path):
+    target = tmp_path / "out.json"
+    atomic.atomic_write_json(target, {"a": 1})
+    with pytest.raises(RuntimeError):
+        with atomic.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
+def test_atomic_dir_replaces_whole_or_nothing(tmp_path):
+    d = tmp_path / "split"
+    with atomic.atomic_dir(d) as tmp:
+        (tmp / "a.txt").write_text("1")
+    with pytest.raises(ValueError):
+        with atomic.atomic_dir(d) as tmp:
+            (tmp / "b.txt").write_text("2")
+            raise ValueError
+    assert sorted(p.name for p in d.iterdir()) == ["a.txt"]
+    with atomic.atomic_dir(d) as tmp:
+        (tmp / "c.txt").write_text("3")
+    assert sorted(p.name for p in d.iterdir()) == ["c.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["split"]
+
+
+def _arrays(n=3, s=8):
+    rng = np.random.default_rng(0)
+    return {
+        "images": rng.integers(0, 255, (n, s, s), dtype=np.uint8),
+        "points": rng.random((n, 68, 2), dtype=np.float32) * s,
+        "visible": np.ones((n, 68), bool),
+        "transform": np.tile(np.eye(3), (n, 1, 1)),
+        "orig_points": rng.random((n, 68, 2)) * 100,
+        "boxes": rng.random((n, 4)) * 50,
+    }
+
+
+def test_split_round_trip_is_memory_mapped(tmp_path):
+    arrays = _arrays()
+    store.write_split(tmp_path / "train", arrays, {"size": 8, "files": ["a", "b", "c"]})
+    split = store.read_split(tmp_path / "train")
+    assert len(split) == 3 and split.meta["size"] == 8
+    assert isinstance(split.images, np.memmap)
+    for key, value in arrays.items():
+        np.testing.assert_array_equal(getattr(split, key), value)
+
+
+def test_split_rejects_inconsistent_arrays(tmp_path):
+    arrays = _arrays()
+    arrays["boxes"] = arrays["boxes"][:2]
+    with pytest.raises(ValueError, match="disagree"):
+        store.write_split(tmp_path / "x", arrays, {})
+    assert not (tmp_path / "x").exists()
+
+
+def test_mirror_is_an_involution_swapping_sides():
+    m = landmarks.MIRROR
+    np.testing.assert_array_equal(m[m], np.arange(68))
+    assert m[36] == 45 and m[0] == 16 and m[8] == 8 and m[30] == 30 and m[62] == 62 and m[65] == 67
+    assert sorted(m) == list(range(68))
+
+
+def test_normalisers():
+    pts = np.zeros((68, 2))
+    pts[36] = (10, 0)
+    pts[45] = (40, 0)
+    assert landmarks.inter_ocular(pts) == 30
+    pts[36:42] = (10, 5)
+    pts[42:48] = (50, 5)
+    assert landmarks.inter_pupil(pts) == 40
+
+
+def test_tracking_root_inside_dvc_temp_workspace(tmp_path, monkeypatch):
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    ws = tmp_path / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    ws.mkdir(parents=True)
+    (ws / "dvc.yaml").write_text("stages: {}\n")
+    assert tracking.repo_root(ws) == tmp_path
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(ws)
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
+    assert tracking.tracking_uri() == "sqlite:///elsewhere.db"
+
+
+def test_tracking_run_has_tags_and_params(tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
+    monkeypatch.setenv("DVC_EXP_NAME", "probe")
+    with tracking.start_run("encode", "encode", params={"encode": {"sigma": 1.5}}, experiment="t") as run:
+        mlflow.log_metric("x", 2.0)
+    got = mlflow.MlflowClient().get_run(run.info.run_id)
+    assert got.data.params == {"encode.sigma": "1.5"}
+    assert got.data.tags["dvc.stage"] == "encode" and got.data.tags["dvc.exp_name"] == "probe"
+    assert got.data.metrics == {"x": 2.0}

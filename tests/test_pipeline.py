@@ -1,0 +1,112 @@
+"""The whole pipeline in a temporary copy of the repo on the tiny preset: outputs, reruns, experiments, MLflow."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import yaml
+
+from conftest import DVC, sh
+
+pytestmark = pytest.mark.slow
+
+STAGES = ["download", "augment", "encode", "train@mse", "train@bce", "evaluate", "plot"]
+
+
+def ran(output: str) -> list[str]:
+    """Stages ``dvc repro`` executed, from its log."""
+    return re.findall(r"Running stage '([^']+)'", output)
+
+
+def stale(repo) -> set[str]:
+    """Stages ``dvc status`` reports as changed."""
+    out = sh(repo, *DVC, "status", "--json").stdout
+    return set(json.loads(out or "{}"))
+
+
+def set_param(repo, dotted: str, value) -> None:
+    path = repo / "params.yaml"
+    doc = yaml.safe_load(path.read_text())
+    node = doc
+    *parents, last = dotted.split(".")
+    for p in parents:
+        node = node[p]
+    node[last] = value
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+def test_first_repro_runs_every_stage_and_writes_every_output(tiny_repo):
+    log = (tiny_repo / ".first_repro.log").read_text()
+    assert ran(log) == STAGES
+    dvc = yaml.safe_load((tiny_repo / "dvc.yaml").read_text())
+    declared = []
+    for name, stage in dvc["stages"].items():
+        items = stage["foreach"] if "foreach" in stage else [None]
+        body = stage.get("do", stage)
+        for item in items:
+            for kind in ("outs", "metrics", "plots"):
+                for entry in body.get(kind, []):
+                    path = entry if isinstance(entry, str) else next(iter(entry))
+                    declared.append(path.replace("${item}", item or ""))
+    for path in declared:
+        assert (tiny_repo / path).exists(), f"declared output missing: {path}"
+    ev = json.loads((tiny_repo / "metrics/eval.json").read_text())
+    assert {"mse", "bce"} <= set(ev)
+
+
+def test_second_repro_runs_nothing(tiny_repo):
+    proc = sh(tiny_repo, *DVC, "repro")
+    assert ran(proc.stdout + proc.stderr) == []
+    assert stale(tiny_repo) == set()
+
+
+def test_sigma_change_reruns_encode_and_downstream_only(tiny_repo):
+    set_param(tiny_repo, "encode.sigma", 1.25)
+    assert stale(tiny_repo) == {"encode", "train@mse", "train@bce", "evaluate", "plot"}
+    proc = sh(tiny_repo, *DVC, "repro")
+    assert ran(proc.stdout + proc.stderr) == ["encode", "train@mse", "train@bce", "evaluate", "plot"]
+
+
+def test_plot_param_change_reruns_plot_only(tiny_repo):
+    set_param(tiny_repo, "plot.dpi", 60)
+    assert stale(tiny_repo) == {"plot"}
+    proc = sh(tiny_repo, *DVC, "repro")
+    assert ran(proc.stdout + proc.stderr) == ["plot"]
+
+
+def test_dvc_plots_render(tiny_repo):
+    proc = sh(tiny_repo, *DVC, "plots", "show", "--json")
+    data = json.loads(proc.stdout)
+    assert "errors" not in json.dumps(data.get("errors", {})) or not data.get("errors")
+
+
+def test_mlflow_store_has_both_runs_side_by_side(tiny_repo):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tiny_repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("facemarks")
+    runs = client.search_runs([exp.experiment_id])
+    by_name = {}
+    for r in runs:
+        by_name.setdefault(r.info.run_name, r)
+    assert {"mse", "bce", "encode"} <= set(by_name)
+    for loss in ("mse", "bce"):
+        r = by_name[loss]
+        assert r.data.tags["dvc.stage"].startswith("train")
+        assert len(r.data.tags["git.commit"]) == 40
+        assert "val_nme" in r.data.metrics and "train_loss" in r.data.metrics
+        assert any(k.startswith("test_") for k in r.data.metrics), sorted(r.data.metrics)
+    assert any("roundtrip" in k for k in by_name["encode"].data.metrics)
+
+
+def test_exp_run_creates_run_tagged_with_experiment_name(tiny_repo):
+    import mlflow
+
+    sh(tiny_repo, "git", "add", "-A")
+    sh(tiny_repo, "git", "commit", "-qm", "after reruns", check=False)
+    sh(tiny_repo, *DVC, "exp", "run", "-n", "lr-probe", "-S", "train.lr=0.002")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tiny_repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("facemarks")
+    tagged = client.search_runs([exp.experiment_id], filter_string="tags.`dvc.exp_name` = 'lr-probe'")
+    assert {r.info.run_name for r in tagged} >= {"mse", "bce"}
