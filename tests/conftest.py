@@ -69,4 +69,5 @@ def tiny_repo(tmp_path_factory) -> Path:
     repo = make_repo(tmp_path_factory.mktemp("repo"))
     proc = sh(repo, *DVC, "repro")
     (repo / ".first_repro.log").write_text(proc.stdout + proc.stderr)
+    shutil.copytree(repo / "metrics", tmp_path_factory.getbasetemp() / "first_metrics")
     return repo

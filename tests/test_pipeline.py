@@ -110,3 +110,32 @@ def test_exp_run_creates_run_tagged_with_experiment_name(tiny_repo):
     exp = client.get_experiment_by_name("facemarks")
     tagged = client.search_runs([exp.experiment_id], filter_string="tags.`dvc.exp_name` = 'lr-probe'")
     assert {r.info.run_name for r in tagged} >= {"mse", "bce"}
+
+
+VOLATILE = re.compile(r"(seconds|per_s|images_per_s|faces_per_s|ms_|_ms|speed|time|run_id|duration)", re.I)
+
+
+def _stable(obj):
+    """Metrics with wall-clock and run-id fields removed (they differ between identical runs)."""
+    if isinstance(obj, dict):
+        return {k: _stable(v) for k, v in obj.items() if not VOLATILE.search(k)}
+    if isinstance(obj, list):
+        return [_stable(v) for v in obj]
+    return obj
+
+
+def test_same_params_and_seed_give_identical_metrics(tiny_repo, tmp_path, tmp_path_factory):
+    from conftest import make_repo
+
+    first = tmp_path_factory.getbasetemp() / "first_metrics"  # snapshot of tiny_repo's first run
+    again = make_repo(tmp_path / "again")
+    sh(again, *DVC, "repro")
+    for name in ("download.json", "augment.json", "roundtrip.json", "train_mse.json", "train_bce.json", "eval.json"):
+        a = _stable(json.loads((first / name).read_text()))
+        b = _stable(json.loads((again / "metrics" / name).read_text()))
+        assert a == b, f"metrics/{name} differs between two identical runs"
+    for loss in ("mse", "bce"):
+        a = (first / f"train_{loss}_epochs.csv").read_text().splitlines()
+        b = (again / f"metrics/train_{loss}_epochs.csv").read_text().splitlines()
+        strip = lambda rows: [",".join(r.split(",")[:5]) for r in rows]  # drop the images/s column
+        assert strip(a) == strip(b)
