@@ -1,0 +1,78 @@
+"""Interruptions: a stage killed at any moment leaves either no output or a complete one, never a half-written one.
+
+Each stage is run once to completion for a reference, then killed with SIGKILL at several points of its run,
+with and without a previous output in place. After every kill the output is absent or byte-identical to the
+reference (the stages are deterministic), and a rerun completes and clears the killed run's temporaries.
+"""
+from __future__ import annotations
+
+import filecmp
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import make_repo, pipeline_env, sh
+
+pytestmark = pytest.mark.slow
+
+# (stage script, its output) in pipeline order; each needs the previous one's output.
+STAGES = [("download", "data/raw"), ("augment", "data/augmented"), ("encode", "data/heatmaps")]
+KILL_AT = (0.15, 0.4, 0.65, 0.9)  # fractions of the stage's uninterrupted wall time
+
+
+def run_stage(repo: Path, name: str) -> float:
+    start = time.perf_counter()
+    sh(repo, sys.executable, f"stages/{name}.py")
+    return time.perf_counter() - start
+
+
+def kill_stage_after(repo: Path, name: str, seconds: float) -> None:
+    proc = subprocess.Popen([sys.executable, f"stages/{name}.py"], cwd=repo, env=pipeline_env(repo),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the stage and any worker processes it started
+        proc.wait()
+
+
+def same_tree(a: Path, b: Path) -> bool:
+    cmp = filecmp.dircmp(a, b)
+    if cmp.left_only or cmp.right_only or cmp.funny_files:
+        return False
+    _, mismatch, errors = filecmp.cmpfiles(a, b, cmp.common_files, shallow=False)
+    return not mismatch and not errors and all(same_tree(a / d, b / d) for d in cmp.common_dirs)
+
+
+def leftovers(out: Path) -> list[Path]:
+    return sorted(out.parent.glob(f".{out.name}.*"))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    return make_repo(tmp_path_factory.mktemp("interrupt"))
+
+
+@pytest.mark.parametrize("name,out", STAGES)
+def test_killed_stage_leaves_no_partial_output(repo, name, out):
+    out = repo / out
+    elapsed = run_stage(repo, name)
+    reference = repo.parent / f"reference_{name}"
+    shutil.copytree(out, reference)
+    for frac in KILL_AT:
+        for previous in (False, True):
+            if not previous:
+                shutil.rmtree(out)
+            kill_stage_after(repo, name, max(elapsed * frac, 0.05))
+            if previous or out.exists():
+                assert out.is_dir() and same_tree(out, reference), (
+                    f"{name} killed at {frac:.0%} (previous output: {previous}) left a partial {out.name}")
+    run_stage(repo, name)
+    assert same_tree(out, reference), f"{name}: rerun after the kills differs from the reference"
+    assert leftovers(out) == [], f"{name}: temporaries of killed runs were not cleared: {leftovers(out)}"
