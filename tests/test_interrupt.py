@@ -67,7 +67,9 @@ def test_killed_stage_leaves_no_partial_output(repo, name, out):
     shutil.copytree(out, reference)
     for frac in KILL_AT:
         for previous in (False, True):
-            if not previous:
+            if previous and not out.exists():
+                shutil.copytree(reference, out)  # the previous round's kill may have left none
+            elif not previous and out.exists():
                 shutil.rmtree(out)
             kill_stage_after(repo, name, max(elapsed * frac, 0.05))
             if previous or out.exists():

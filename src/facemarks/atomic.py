@@ -28,6 +28,20 @@ def _clear_stale(path: Path) -> None:
     shutil.rmtree(path.with_name(f".{path.name}.old"), ignore_errors=True)
 
 
+def _read_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _read_umask()  # read once: os.umask is process-wide and not thread-safe
+
+
+def _umask_mode(mode: int) -> int:
+    """``mode`` masked by the umask (mkstemp/mkdtemp create 0600/0700; outputs should not be private)."""
+    return mode & ~_UMASK
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path``, on error it is removed."""
@@ -39,6 +53,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        if tmp.exists():
+            os.chmod(tmp, _umask_mode(0o666))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -53,6 +69,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, _umask_mode(0o777))
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)

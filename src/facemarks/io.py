@@ -192,5 +192,7 @@ def write_image(path: str | Path, image: np.ndarray) -> None:
     import imageio.v3 as iio
 
     path = Path(path)
+    # zlib level 1: ~3x faster than the default 6 for ~5 % larger files (PNG is lossless either way)
+    options = {"compress_level": 1} if path.suffix.lower() == ".png" else {}
     with atomic_path(path) as tmp:
-        iio.imwrite(tmp, image, extension=path.suffix)
+        iio.imwrite(tmp, image, extension=path.suffix, **options)

@@ -46,8 +46,8 @@ class Synthetic:
     max_yaw: float = _p(40.0, 0, 89)
     max_pitch: float = _p(20.0, 0, 89)
     max_roll: float = _p(30.0, 0, 180)
-    occluder_prob: float = _p(0.3, 0, 1)
-    blur_prob: float = _p(0.3, 0, 1)
+    occluder_prob: float = _p(0.2, 0, 1)
+    blur_prob: float = _p(0.2, 0, 1)
     noise_std: float = _p(4.0, 0, 64)
     workers: int = _p(2, 1, 64)
 

@@ -1,0 +1,413 @@
+"""Face crops, seeded geometric + photometric augmentation, and exact crop transforms.
+
+Every sample is produced by ONE affine ``T`` (original-image pixels → crop pixels, row-vector convention
+``[x, y, 1] @ T.T``) applied with ONE scikit-image warp (bilinear). ``T`` is the square crop around the face
+box (with ``margin``) resized to ``size``, followed on augmented training copies by a rotation, scale and
+translation about the crop centre and an optional horizontal flip. Coordinates are pixels with pixel
+centres at integer coordinates (``docs/design.md``): a crop of side ``S`` spans ``[-0.5, S - 0.5]``.
+
+On a flip, ``x' = S - 1 - x`` and the points are permuted with :data:`facemarks.landmarks.MIRROR`, so index
+36 stays the subject's right outer eye corner. ``orig_points`` of a flipped sample are permuted the same way,
+so ``invert_points(points, T) == orig_points``.
+
+Randomness: each sample draws from ``np.random.SeedSequence((seed, split_id, face_index, copy))``; outputs
+are byte-identical for any number of workers.
+
+Shape legend: ``S`` crop side, ``K = 68`` landmarks, ``N`` samples; images ``(N, S, S)`` uint8, points
+``(N, K, 2)`` float32 crop px, visible ``(N, K)`` bool, transform ``(N, 3, 3)`` float64.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from skimage.draw import disk
+from skimage.filters import gaussian
+from skimage.transform import ProjectiveTransform, warp
+
+from facemarks.atomic import atomic_dir
+from facemarks.io import DataError, ImageRecord, read_dlib_xml, read_image, write_image
+from facemarks.landmarks import LEFT_EYE, MIRROR, N_POINTS, RIGHT_EYE
+from facemarks.params import Augment
+from facemarks.store import read_split, write_split
+
+log = logging.getLogger("facemarks.augment")
+
+#: split name -> id used in the per-sample seed.
+SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+_VAL_SEED_TAG = 7  # SeedSequence tag of the train/val image split
+_LUMA = np.array([0.2125, 0.7154, 0.0721], dtype=np.float32)  # skimage.color.rgb2gray weights
+
+
+# ----------------------------------------------------------------------------------------------- geometry
+def _translation(tx: float, ty: float) -> np.ndarray:
+    return np.array([[1.0, 0.0, tx], [0.0, 1.0, ty], [0.0, 0.0, 1.0]])
+
+
+def crop_transform(box: tuple[float, float, float, float], size: int, margin: float) -> np.ndarray:
+    """``(3, 3)`` affine original px → crop px for a square crop around ``box = (left, top, width, height)``.
+
+    The box covers pixels ``left .. left + width - 1`` (edges at ``left - 0.5`` and ``left + width - 0.5``);
+    the crop is a square of side ``max(width, height) * (1 + 2 * margin)`` centred on the box and mapped onto
+    ``[-0.5, size - 0.5]``.
+    """
+    left, top, w, h = (float(v) for v in box)
+    if not (w > 0 and h > 0):
+        raise ValueError(f"crop_transform: box {box} must have positive width and height")
+    side = max(w, h) * (1.0 + 2.0 * margin)
+    k = size / side
+    cx, cy = left + (w - 1.0) / 2.0, top + (h - 1.0) / 2.0
+    c = (size - 1.0) / 2.0
+    return _translation(c, c) @ np.diag([k, k, 1.0]) @ _translation(-cx, -cy)
+
+
+def augment_matrix(size: int, angle_deg: float, scale: float, shift: tuple[float, float], flip: bool) -> np.ndarray:
+    """``(3, 3)`` crop px → crop px: rotate by ``angle_deg`` and scale about the crop centre, shift, then flip."""
+    c = (size - 1.0) / 2.0
+    a = math.radians(angle_deg)
+    rs = np.array([[scale * math.cos(a), -scale * math.sin(a), 0.0], [scale * math.sin(a), scale * math.cos(a), 0.0],
+                   [0.0, 0.0, 1.0]])
+    m = _translation(c + shift[0], c + shift[1]) @ rs @ _translation(-c, -c)
+    if flip:
+        m = np.array([[-1.0, 0.0, size - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]) @ m
+    return m
+
+
+def apply_transform(points: np.ndarray, T: np.ndarray) -> np.ndarray:
+    """Map ``points (..., 2)`` with the ``(3, 3)`` matrix ``T`` (``[x, y, 1] @ T.T``) → ``(..., 2)`` float64."""
+    p = np.asarray(points, dtype=np.float64)
+    T = np.asarray(T, dtype=np.float64)
+    h = p @ T[:2, :2].T + T[:2, 2]
+    w = p @ T[2, :2] + T[2, 2]
+    return h / w[..., None]
+
+
+def invert_points(points: np.ndarray, T: np.ndarray) -> np.ndarray:
+    """Crop px → original px: ``points (..., 2)`` mapped with ``inverse(T)`` → ``(..., 2)`` float64."""
+    return apply_transform(points, np.linalg.inv(np.asarray(T, dtype=np.float64)))
+
+
+def in_crop(points: np.ndarray, size: int) -> np.ndarray:
+    """``points (..., 2)`` → bool ``(...)``: finite and inside ``[-0.5, size - 0.5]`` on both axes."""
+    p = np.asarray(points, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        return np.isfinite(p).all(-1) & ((p >= -0.5) & (p <= size - 0.5)).all(-1)
+
+
+def _gray_float(image: np.ndarray) -> np.ndarray:
+    """``(H, W)`` or ``(H, W, 3)`` uint8 → ``(H, W)`` float32 in ``[0, 255]``."""
+    if image.ndim == 2:
+        return image.astype(np.float32)
+    return image[..., :3].astype(np.float32) @ _LUMA
+
+
+def antialias_sigma(T: np.ndarray) -> float:
+    """Gaussian pre-filter sigma (source px) for a transform that shrinks by ``k``: ``max(0, (1/k - 1) / 2)``,
+    as ``skimage.transform.resize`` anti-aliasing."""
+    k = math.sqrt(abs(np.linalg.det(np.asarray(T, dtype=np.float64)[:2, :2])))  # crop px per source px
+    return max(0.0, (1.0 / k - 1.0) / 2.0)
+
+
+def _source(image: np.ndarray, transforms: list[np.ndarray], size: int, sigma: float):
+    """The part of ``image`` that the crops of ``transforms`` see, as float gray, low-passed with ``sigma``.
+
+    Returns ``(sub (h, w) float64, x0, y0)`` (``sub`` starts at pixel ``(x0, y0)``), or None when no crop
+    touches the image.
+    """
+    e = size - 0.5
+    box = np.array([[-0.5, -0.5], [e, -0.5], [-0.5, e], [e, e]])
+    corners = np.concatenate([apply_transform(box, np.linalg.inv(T)) for T in transforms])
+    pad = 2 + int(math.ceil(4 * sigma))
+    hgt, wid = image.shape[:2]
+    x0 = max(int(math.floor(corners[:, 0].min())) - pad, 0)
+    y0 = max(int(math.floor(corners[:, 1].min())) - pad, 0)
+    x1 = min(int(math.ceil(corners[:, 0].max())) + pad + 1, wid)
+    y1 = min(int(math.ceil(corners[:, 1].max())) + pad + 1, hgt)
+    if x1 <= x0 or y1 <= y0:
+        return None
+    sub = _gray_float(image[y0:y1, x0:x1])
+    if sigma > 0:
+        sub = gaussian(sub, sigma=sigma, mode="nearest", preserve_range=True)
+    return sub.astype(np.float64, copy=False), x0, y0
+
+
+def _warp_source(src, T: np.ndarray, size: int) -> np.ndarray:
+    """ONE bilinear ``skimage.transform.warp`` of a :func:`_source` region → ``(size, size)`` float64."""
+    if src is None:
+        return np.zeros((size, size))
+    sub, x0, y0 = src
+    t_sub = np.asarray(T, dtype=np.float64) @ _translation(x0, y0)  # sub-image px -> crop px
+    return warp(sub, ProjectiveTransform(matrix=np.linalg.inv(t_sub)), output_shape=(size, size), order=1,
+                mode="constant", cval=0.0, preserve_range=True)
+
+
+def warp_gray(image: np.ndarray, T: np.ndarray, size: int) -> np.ndarray:
+    """Warp ``image (H, W[, 3])`` into a ``(size, size)`` float64 grayscale crop with ``T`` (original → crop px).
+
+    Only the source region the crop sees is converted to gray; when the crop shrinks the image it is first
+    low-passed (:func:`antialias_sigma`), then ONE bilinear ``skimage.transform.warp`` samples it (skimage maps
+    output ``(col, row) = (x, y)`` with pixel centres at integers, our convention). Outside the image: 0.
+    """
+    return _warp_source(_source(image, [T], size, antialias_sigma(T)), T, size)
+
+
+def face_crop(image: np.ndarray, box: tuple[float, float, float, float], size: int,
+              margin: float) -> tuple[np.ndarray, np.ndarray]:
+    """Crop-only sample of a face: ``image (H, W[, 3])`` uint8 → crop ``(size, size)`` uint8 and ``T (3, 3)``."""
+    T = crop_transform(box, size, margin)
+    return _to_uint8(warp_gray(image, T, size)), T
+
+
+def _to_uint8(img: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------- randomness
+def sample_rng(seed: int, split: str, index: int, copy: int) -> np.random.Generator:
+    """The generator of one sample: ``SeedSequence((seed, split_id, index, copy))``."""
+    return np.random.default_rng(np.random.SeedSequence((seed, SPLIT_IDS[split], index, copy)))
+
+
+def random_geometry(rng: np.random.Generator, cfg: Augment) -> dict[str, Any]:
+    """Draw rotation (deg), scale, shift (crop px) and flip from the ranges in ``cfg``."""
+    shift = rng.uniform(-cfg.translate, cfg.translate, size=2) * cfg.size
+    return {"angle": float(rng.uniform(-cfg.rotation, cfg.rotation)),
+            "scale": float(rng.uniform(cfg.scale_min, cfg.scale_max)),
+            "shift": (float(shift[0]), float(shift[1])),
+            "flip": bool(rng.random() < cfg.flip_prob)}
+
+
+def photometric(img: np.ndarray, rng: np.random.Generator, cfg: Augment) -> np.ndarray:
+    """Contrast, brightness, gamma, optional Gaussian blur and noise on a float ``(S, S)`` image in [0, 255]."""
+    c = rng.uniform(1.0 - cfg.contrast, 1.0 + cfg.contrast)
+    b = rng.uniform(-cfg.brightness, cfg.brightness) * 255.0
+    g = rng.uniform(1.0 - cfg.gamma, 1.0 + cfg.gamma)
+    mean = float(img.mean())
+    img = ((img - mean) * c + (mean + b)).astype(np.float32)  # float32 from here: half the memory traffic
+    np.clip(img, 0.0, 255.0, out=img)
+    img = np.float32(255.0) * (img / np.float32(255.0)) ** np.float32(max(g, 1e-3))
+    if rng.random() < cfg.blur_prob and cfg.blur_sigma > 0:
+        img = gaussian(img, sigma=rng.uniform(0.25, 1.0) * cfg.blur_sigma, mode="nearest", preserve_range=True)
+    if cfg.noise_std > 0:
+        img = img + rng.standard_normal(img.shape, dtype=np.float32) * np.float32(cfg.noise_std)
+    return img
+
+
+# ----------------------------------------------------------------------------------------------- samples
+def make_samples(image: np.ndarray, box: tuple[float, float, float, float], points: np.ndarray, cfg: Augment,
+                 rngs: list[np.random.Generator | None]) -> list[dict[str, Any]]:
+    """Samples of one face: crop only where ``rngs[i]`` is None, else a random geometric + photometric copy.
+
+    ``points (68, 2)`` original px (NaN = unlabelled). Each sample: ``image (S, S)`` uint8, ``points (68, 2)``
+    float32 crop px, ``visible (68,)``, ``transform (3, 3)``, ``orig_points (68, 2)`` float64 (permuted on
+    flip) and ``flip``. The gray, anti-aliased source region is computed once per face (its sigma follows the
+    plain crop scale) and warped once per sample.
+    """
+    base = crop_transform(box, cfg.size, cfg.margin)
+    geos = [random_geometry(rng, cfg) if rng is not None else None for rng in rngs]
+    transforms = [base if g is None else augment_matrix(cfg.size, g["angle"], g["scale"], g["shift"], g["flip"]) @ base
+                  for g in geos]
+    src = _source(image, transforms, cfg.size, antialias_sigma(base))
+    out = []
+    for rng, geo, T in zip(rngs, geos, transforms):
+        img = _warp_source(src, T, cfg.size)
+        if rng is not None:
+            img = photometric(img, rng, cfg)
+        flip = bool(geo and geo["flip"])
+        orig = np.asarray(points, dtype=np.float64)
+        orig = orig[MIRROR] if flip else orig.copy()
+        pts = apply_transform(orig, T)
+        out.append({"image": _to_uint8(img), "points": pts.astype(np.float32), "visible": in_crop(pts, cfg.size),
+                    "transform": T, "orig_points": orig, "flip": flip})
+    return out
+
+
+def make_sample(image: np.ndarray, box: tuple[float, float, float, float], points: np.ndarray, cfg: Augment,
+                rng: np.random.Generator | None) -> dict[str, Any]:
+    """One sample of :func:`make_samples`: crop only when ``rng`` is None, else an augmented copy."""
+    return make_samples(image, box, points, cfg, [rng])[0]
+
+
+def _process_image(task: tuple) -> list[dict[str, Any]]:
+    """Worker: all samples of one source image. ``task = (path, faces, split, cfg, seed, copies)``."""
+    path, faces, split, cfg, seed, copies = task
+    if not faces:
+        return []
+    image = read_image(path)
+    out = []
+    for face_index, box, points in faces:
+        rngs = [sample_rng(seed, split, face_index, copy) if copy else None for copy in range(copies + 1)]
+        for copy, smp in enumerate(make_samples(image, box, points, cfg, rngs)):
+            smp["copy"] = copy
+            out.append(smp)
+    return out
+
+
+def _run_tasks(tasks: list[tuple], workers: int) -> list[list[dict[str, Any]]]:
+    if workers <= 1 or len(tasks) < 2:
+        return [_process_image(t) for t in tasks]
+    chunk = max(1, len(tasks) // (workers * 8))
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(_process_image, tasks, chunksize=chunk))
+
+
+def split_val(n_images: int, val_fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of the TRAIN images that form the validation split (seeded, by image)."""
+    n_val = int(round(val_fraction * n_images))
+    if val_fraction > 0 and n_images >= 2:
+        n_val = min(max(n_val, 1), n_images - 1)
+    rng = np.random.default_rng(np.random.SeedSequence((seed, _VAL_SEED_TAG)))
+    return np.sort(rng.permutation(n_images)[:n_val])
+
+
+def _face_table(records: list[ImageRecord], xml: Path) -> list[list[tuple[int, tuple, np.ndarray]]]:
+    """Per image: ``(global face index, box, points)`` of each face, numbered in XML order."""
+    table, n = [], 0
+    for rec in records:
+        for face in rec.faces:
+            if not (face.box[2] > 0 and face.box[3] > 0):
+                raise DataError(f"{xml} [{rec.file}]: box {face.box} has no area (width and height must be > 0)")
+        table.append([(n + j, f.box, f.points) for j, f in enumerate(rec.faces)])
+        n += len(rec.faces)
+    return table
+
+
+def _assemble(samples: list[list[dict]], records: list[ImageRecord], image_ids: list[int], cfg: Augment,
+              seed: int, source: str, copies: int) -> dict[str, Any]:
+    """Stack per-sample dicts into the split-folder arrays plus ``meta``."""
+    s, k = cfg.size, N_POINTS
+    flat = [(i, j // (copies + 1), smp) for i, per in zip(image_ids, samples) for j, smp in enumerate(per)]
+    arrays = {
+        "images": np.zeros((len(flat), s, s), np.uint8), "points": np.zeros((len(flat), k, 2), np.float32),
+        "visible": np.zeros((len(flat), k), bool), "transform": np.zeros((len(flat), 3, 3)),
+        "orig_points": np.zeros((len(flat), k, 2)), "boxes": np.zeros((len(flat), 4)),
+    }
+    meta: dict[str, Any] = {"files": [], "source_index": [], "box_index": [], "copy": [], "flip": []}
+    for n, (i, j, smp) in enumerate(flat):
+        for key in ("image", "points", "visible", "transform", "orig_points"):
+            arrays["images" if key == "image" else key][n] = smp[key]
+        arrays["boxes"][n] = records[i].faces[j].box
+        meta["files"].append(records[i].file)
+        meta["source_index"].append(i)
+        meta["box_index"].append(j)
+        meta["copy"].append(smp["copy"])
+        meta["flip"].append(smp["flip"])
+    meta.update({"size": s, "source": source, "seed": seed, "n": len(flat),
+                 "copy_note": "copy 0 = crop only (no augmentation); copy >= 1 = augmented",
+                 "augment": dataclasses.asdict(cfg)})
+    return {"arrays": arrays, "meta": meta}
+
+
+def build_splits(raw_dir: Path, cfg: Augment, seed: int) -> dict[str, dict[str, Any]]:
+    """Read ``raw_dir/{train,test}.xml`` and build ``{"train", "val", "test"}`` → ``{"arrays", "meta"}``.
+
+    Train: per face the crop-only original (copy 0) plus ``cfg.copies`` augmented copies. Val: a seeded
+    ``val_fraction`` of the train IMAGES, crop only. Test: crop only.
+    """
+    raw_dir = Path(raw_dir)
+    out = {}
+    for xml_name, parts in (("train.xml", ("train", "val")), ("test.xml", ("test",))):
+        xml = raw_dir / xml_name
+        if not xml.is_file():
+            raise DataError(f"{xml}: missing (run the download stage first)")
+        records = read_dlib_xml(xml)
+        table = _face_table(records, xml)
+        val = set(split_val(len(records), cfg.val_fraction, seed).tolist()) if xml_name == "train.xml" else set()
+        for split in parts:
+            ids = [i for i in range(len(records)) if (i in val) == (split == "val")]
+            copies = cfg.copies if split == "train" else 0
+            tasks = [(raw_dir / records[i].file, table[i], split, cfg, seed, copies) for i in ids]
+            samples = _run_tasks(tasks, cfg.workers)
+            out[split] = _assemble(samples, records, ids, cfg, seed, xml_name, copies)
+    return out
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process plus its finished worker processes (user + system)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def run_augment(raw_dir: Path, out_dir: Path, cfg: Augment, seed: int) -> dict[str, Any]:
+    """Build the three splits and write them as split folders under ``out_dir`` (replaced whole, atomically).
+
+    Returns the summary: crop counts per split, seconds, crops/s (wall) and crops per CPU-second.
+    """
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    splits = build_splits(raw_dir, cfg, seed)
+    t_build, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+    with atomic_dir(out_dir) as tmp:  # all three splits appear together, or none (a killed run leaves no mix)
+        for name, split in splits.items():
+            write_split(tmp / name, split["arrays"], split["meta"])
+    seconds = time.perf_counter() - t0
+    counts = {name: len(split["arrays"]["images"]) for name, split in splits.items()}
+    total = sum(counts.values())
+    summary = {"counts": counts, "total": total, "seconds": round(seconds, 3), "build_seconds": round(t_build, 3),
+               "images_per_s": round(total / max(t_build, 1e-9), 1), "cpu_seconds": round(cpu, 3),
+               "images_per_cpu_s": round(total / max(cpu, 1e-9), 1), "workers": cfg.workers, "size": cfg.size,
+               "visible_fraction": {n: float(np.mean(s["arrays"]["visible"])) if counts[n] else 0.0
+                                    for n, s in splits.items()}}
+    log.info("augment: %s crops in %.1f s (%.0f crops/s, %d workers)", counts, seconds, summary["images_per_s"],
+             cfg.workers)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------- contact sheet
+RIGHT_EYE_COLOUR = (255, 40, 40)  # subject's right eye (36–41): red, image-left on a frontal face
+LEFT_EYE_COLOUR = (40, 120, 255)  # subject's left eye (42–47): blue
+OTHER_COLOUR = (40, 220, 40)
+HIDDEN_COLOUR = (255, 220, 0)  # not visible (outside the crop)
+
+
+def contact_sheet(images: np.ndarray, points: np.ndarray, visible: np.ndarray, cols: int = 4,
+                  cell: int = 160) -> np.ndarray:
+    """A grid of crops with landmarks: ``images (n, S, S)`` uint8, ``points (n, 68, 2)``, ``visible (n, 68)``
+    → RGB ``(rows * C, cols * C, 3)`` uint8 with ``C = S * f`` (nearest upscaling by ``f = max(1, cell // S)``).
+
+    Right eye red, left eye blue, other points green, invisible points yellow: a flip bug shows as a blue
+    eye at image-left on a frontal face.
+    """
+    n, s = len(images), images.shape[-1]
+    if points.shape != (n, N_POINTS, 2) or visible.shape != (n, N_POINTS):
+        raise ValueError(f"contact_sheet: points {points.shape} / visible {visible.shape} do not match {n} images")
+    f = max(1, cell // s)
+    c = s * f
+    rows = max(1, math.ceil(n / cols))
+    sheet = np.full((rows * c, cols * c, 3), 32, np.uint8)
+    radius = max(1.5, c / 80)
+    for i in range(n):
+        r0, c0 = (i // cols) * c, (i % cols) * c
+        tile = np.repeat(np.repeat(images[i], f, 0), f, 1)
+        sheet[r0:r0 + c, c0:c0 + c] = tile[..., None]
+        for j, (x, y) in enumerate(np.asarray(points[i], np.float64)):
+            if not (np.isfinite(x) and np.isfinite(y)):
+                continue
+            colour = (RIGHT_EYE_COLOUR if j in RIGHT_EYE else LEFT_EYE_COLOUR if j in LEFT_EYE else OTHER_COLOUR)
+            if not visible[i, j]:
+                colour = HIDDEN_COLOUR
+            rr, cc = disk(((y + 0.5) * f - 0.5, (x + 0.5) * f - 0.5), radius, shape=(c, c))
+            sheet[r0 + rr, c0 + cc] = colour
+    return sheet
+
+
+def write_contact_sheet(path: Path, split_dir: Path, n: int = 16, cols: int = 4) -> int:
+    """Write a contact sheet of the first ``n`` augmented samples (copy ≥ 1, else any) of a split; returns n used."""
+    split = read_split(split_dir)
+    copy = np.asarray(split.meta.get("copy", [0] * len(split)))
+    idx = np.flatnonzero(copy > 0)
+    if len(idx) == 0:
+        idx = np.arange(len(split))
+    idx = idx[:n]
+    if len(idx) == 0:
+        raise DataError(f"{split_dir}: empty split, nothing for the contact sheet")
+    sheet = contact_sheet(np.asarray(split.images[idx]), np.asarray(split.points[idx]),
+                          np.asarray(split.visible[idx]), cols=min(cols, len(idx)))
+    write_image(path, sheet)
+    return len(idx)

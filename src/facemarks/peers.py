@@ -1,0 +1,135 @@
+"""dlib's 68-point predictor and HOG face detector as a yardstick (optional extra ``peers``).
+
+The core library never imports this module. The model file comes from the ``face-recognition-models``
+package, located without importing it (its ``__init__`` needs ``pkg_resources``).
+
+Coordinates: pixels, pixel centres at integer coordinates; boxes ``(left, top, width, height)``.
+dlib rectangles have inclusive right/bottom edges: ``right = left + width - 1``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+
+import numpy as np
+
+from facemarks.io import ImageRecord, read_image
+from facemarks.landmarks import inter_ocular
+
+MODEL_FILE = "shape_predictor_68_face_landmarks.dat"
+
+
+def _model_path() -> Path | None:
+    """Path of dlib's 68-point ``.dat`` inside the installed ``face_recognition_models`` package, or None."""
+    try:
+        spec = importlib.util.find_spec("face_recognition_models")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "models" / MODEL_FILE
+    return path if path.is_file() else None
+
+
+def unavailable_reason() -> str:
+    """Empty when the dlib yardstick can run, else one line saying what is missing."""
+    try:
+        import dlib  # noqa: F401
+    except ImportError:
+        return "dlib is not installed (pip install 'facemarks[peers]' adds dlib-bin)"
+    if _model_path() is None:
+        return f"{MODEL_FILE} not found (pip install 'facemarks[peers]' adds face-recognition-models)"
+    return ""
+
+
+def available() -> bool:
+    """True when dlib imports and its 68-point model file is found."""
+    return unavailable_reason() == ""
+
+
+def _rect(box):
+    import dlib
+
+    left, top, w, h = (int(round(v)) for v in box)
+    return dlib.rectangle(left, top, left + w - 1, top + h - 1)
+
+
+class Dlib68:
+    """dlib's shape predictor (trained on iBUG 300-W) plus its HOG frontal-face detector."""
+
+    def __init__(self) -> None:
+        reason = unavailable_reason()
+        if reason:
+            raise RuntimeError(f"dlib yardstick unavailable: {reason}")
+        import dlib
+
+        self._predictor = dlib.shape_predictor(str(_model_path()))
+        self._detector = dlib.get_frontal_face_detector()
+
+    def predict(self, image: np.ndarray, box) -> np.ndarray:
+        """Landmarks ``(68, 2)`` float64 for ``image`` ``(H, W)`` or ``(H, W, 3)`` uint8 inside ``box`` (l, t, w, h)."""
+        shape = self._predictor(np.ascontiguousarray(image), _rect(box))
+        return np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64)
+
+    def detect(self, image: np.ndarray, upsample: int = 1) -> list[tuple[int, int, int, int]]:
+        """HOG detections as ``(left, top, width, height)`` boxes."""
+        rects = self._detector(np.ascontiguousarray(image), upsample)
+        return [(r.left(), r.top(), r.right() - r.left() + 1, r.bottom() - r.top() + 1) for r in rects]
+
+
+def _iou(a, b) -> float:
+    ax1, ay1, ax2, ay2 = a[0], a[1], a[0] + a[2], a[1] + a[3]
+    bx1, by1, bx2, by2 = b[0], b[1], b[0] + b[2], b[1] + b[3]
+    iw, ih = max(0.0, min(ax2, bx2) - max(ax1, bx1)), max(0.0, min(ay2, by2) - max(ay1, by1))
+    inter = iw * ih
+    return inter / (a[2] * a[3] + b[2] * b[3] - inter + 1e-9)
+
+
+def detection_hit(true_box, detections) -> bool:
+    """A detection overlaps ``true_box``: IoU ≥ 0.5 or its centre lies inside the true box."""
+    left, top, w, h = true_box
+    for d in detections:
+        cx, cy = d[0] + d[2] / 2, d[1] + d[3] / 2
+        if _iou(true_box, d) >= 0.5 or (left <= cx <= left + w and top <= cy <= top + h):
+            return True
+    return False
+
+
+def _nme(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Inter-ocular NME in % of ``pred``/``gt`` ``(68, 2)``."""
+    return float(np.linalg.norm(pred - gt, axis=-1).mean() / inter_ocular(gt) * 100)
+
+
+def realism(records: list[ImageRecord], root: Path, max_faces: int | None = None) -> dict:
+    """How real the faces look to dlib: its NME (%, true box), detector hit rate, and the mean-shape baseline.
+
+    The mean-shape baseline places the mean of all faces' box-normalised shapes in each true box.
+    """
+    model = Dlib68()
+    faces = [(rec, f) for rec in records for f in rec.faces if np.isfinite(f.points).all()]
+    faces = faces[:max_faces] if max_faces is not None else faces
+    if not faces:
+        raise ValueError("realism: no fully labelled faces to score")
+    dlib_nme, hits, norm, secs = [], [], [], 0.0
+    cache: dict[str, np.ndarray] = {}
+    for rec, face in faces:
+        img = cache.setdefault(rec.file, read_image(Path(root) / rec.file))
+        t0 = time.perf_counter()
+        pred = model.predict(img, face.box)
+        secs += time.perf_counter() - t0
+        dlib_nme.append(_nme(pred, face.points))
+        hits.append(detection_hit(face.box, model.detect(img, 1)))
+        left, top, w, h = face.box
+        norm.append((face.points - (left, top)) / (w, h))
+    mean_shape = np.mean(norm, axis=0)
+    ms_nme = [_nme(mean_shape * f.box[2:] + f.box[:2], f.points) for _, f in faces]
+    return {
+        "n_faces": len(faces),
+        "dlib_nme_mean": float(np.mean(dlib_nme)),
+        "dlib_nme_median": float(np.median(dlib_nme)),
+        "detector_hit_rate": float(np.mean(hits)),
+        "mean_shape_nme_mean": float(np.mean(ms_nme)),
+        "mean_shape_nme_median": float(np.median(ms_nme)),
+        "dlib_ms_per_face": 1000 * secs / len(faces),
+    }

@@ -1,0 +1,612 @@
+"""The three data sources of the ``download`` stage → images + dlib XML for train and test.
+
+Every source writes the same layout into ``out_dir`` (``data/raw`` in the pipeline), built in a temporary
+folder and renamed into place (:func:`facemarks.atomic.atomic_dir`), so ``data/raw`` is either the old complete
+tree or the new complete one:
+
+- ``train.xml``, ``test.xml``: dlib landmark XML, ``file`` attributes relative to ``out_dir``;
+- the images they name (``images/<split>/…`` for synthetic and local, the extracted archive tree for ibug300w).
+
+Sources (``data.source``):
+
+- ``synthetic``: :func:`facemarks.synthetic.generate_split` seeded by ``base.seed`` (it seeds each image from
+  ``(seed, split, index)``).
+- ``ibug300w``: dlib's 300-W tarball, downloaded with resume and a SHA-256 check (:func:`download`),
+  extracted safely (:func:`safe_extract`); dlib's ``labels_ibug_300W_{train,test}.xml`` give the split.
+- ``local``: a folder with dlib XML (``*train*.xml`` + ``*test*.xml``, or a single XML split by
+  ``data.local.test_fraction``), or images with 300-W ``.pts`` files beside them (same stem). ``.pts`` points
+  are 1-indexed and are shifted to the project's 0-indexed pixel centres; the face box of a ``.pts`` face is the
+  tight box of its points, ``(min x, min y, max x − min x + 1, max y − min y + 1)``, so every point lies inside it.
+  The used images are copied under ``images/<split>/`` (``data/raw`` must be self-contained for DVC).
+
+Every record is validated (:func:`validate_records`): missing or undecodable image, wrong point count,
+non-finite or absurd coordinates (farther than one image size outside the image), zero-area box, duplicate
+(same file and box twice). ``data.on_bad: error`` raises :class:`~facemarks.io.DataError` naming the file and the
+problem; ``skip`` drops the item, logs one warning line and counts it by reason in the summary. Points that lie
+outside their box or image but within those bounds are kept (later stages mark them not visible) and counted.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import http.client
+import logging
+import os
+import shutil
+import socket
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import xml.etree.ElementTree as ET
+import zlib
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from facemarks.atomic import atomic_dir, atomic_write_text
+from facemarks.io import DataError, Face, ImageRecord, in_image, read_dlib_xml, read_image, read_pts, write_dlib_xml
+from facemarks.landmarks import N_POINTS
+from facemarks.params import Data, Ibug300w, Local
+
+log = logging.getLogger("facemarks.sources")
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+IBUG_LISTS = {"train": "labels_ibug_300W_train.xml", "test": "labels_ibug_300W_test.xml"}
+OFFLINE_HINT = ("no network? set `data.source: synthetic` (built-in generator, works offline) or "
+                "`data.source: local` with `data.local.path` pointing at a folder you already have")
+_CHUNK = 1 << 20
+
+#: ``(image path on disk, record)`` pairs of one split, and the splits by name (``train``, ``test``).
+Items = list[tuple[Path, ImageRecord]]
+Splits = dict[str, Items]
+
+
+class DownloadError(RuntimeError):
+    """The archive could not be fetched (offline, refused, HTTP error, interrupted); the message says what to do."""
+
+
+# ================================================================================================ fetch
+def fetch(data: Data, seed: int, out_dir: Path, progress: bool | None = None) -> dict:
+    """Build ``out_dir`` (train.xml, test.xml, images) for ``data.source``; return the summary for
+    ``metrics/download.json``.
+
+    The summary holds ``source``, ``n_{train,test}_{images,faces}``, ``n_skipped``, ``skipped`` (reason → count),
+    ``n_points_outside_box``, ``n_points_outside_image`` and source details (``sha256`` for ibug300w).
+    """
+    out_dir = Path(out_dir)
+    if data.source == "ibug300w":
+        # Download outside the temporary tree: the cached tarball survives a failed extraction.
+        tar_path, digest = fetch_ibug_archive(data.ibug300w, progress)
+    skipped: collections.Counter = collections.Counter()
+    with atomic_dir(out_dir) as tmp:
+        if data.source == "synthetic":
+            splits, extra = _synthetic_splits(data, seed, tmp), {}
+        elif data.source == "ibug300w":
+            splits = _ibug_splits(tar_path, tmp)
+            extra = {"url": data.ibug300w.url, "sha256": digest, "archive": tar_path.name}
+        elif data.source == "local":
+            splits, extra = _local_splits(data.local, seed, data.on_bad, skipped), {"local_path": data.local.path}
+        else:
+            raise DataError(f"data.source = {data.source!r}: unknown source (synthetic, ibug300w, local)")
+        checked, stats = validate_splits(splits, data.on_bad, skipped)
+        if data.source == "local":
+            kept = _copy_local_images(checked, tmp)
+        else:
+            kept = {split: [rec for _, rec in items] for split, items in checked.items()}
+        for split, records in kept.items():
+            if not records:
+                raise DataError(f"{data.source}: no usable {split} images left (skipped: {dict(skipped) or 'none'})")
+            write_dlib_xml(tmp / f"{split}.xml", records, name=f"facemarks {data.source} {split}")
+    summary = {"source": data.source, "on_bad": data.on_bad, **stats, **extra,
+               "n_skipped": int(sum(skipped.values())), "skipped": dict(sorted(skipped.items()))}
+    for split, records in kept.items():
+        summary[f"n_{split}_images"] = len(records)
+        summary[f"n_{split}_faces"] = sum(len(r.faces) for r in records)
+    if skipped:
+        log.warning("skipped %d bad item(s): %s", summary["n_skipped"], summary["skipped"])
+    return summary
+
+
+def split_seed(seed: int, split: str) -> int:
+    """A 31-bit seed derived from ``base.seed`` and a purpose name (e.g. the local train/test split)."""
+    state = np.random.SeedSequence([seed, zlib.crc32(split.encode())]).generate_state(1)[0]
+    return int(state) & 0x7FFFFFFF
+
+
+# ================================================================================================ synthetic
+def _synthetic_splits(data: Data, seed: int, root: Path) -> Splits:
+    from facemarks import synthetic
+
+    cfg = data.synthetic
+    splits = {}
+    for split, n in (("train", cfg.n_train), ("test", cfg.n_test)):
+        records = synthetic.generate_split(root, split, n, seed, cfg)  # seeded per (seed, split, image)
+        splits[split] = [(root / r.file, r) for r in records]
+    return splits
+
+
+# ================================================================================================ ibug300w
+def fetch_ibug_archive(cfg: Ibug300w, progress: bool | None = None) -> tuple[Path, str]:
+    """Download (or reuse) the tarball under ``cfg.cache_dir``; returns ``(path, sha256 hex)``."""
+    name = PurePosixPath(urllib.parse.urlparse(cfg.url).path).name or "ibug300w.tar.gz"
+    dest = Path(cfg.cache_dir) / name
+    digest = download(cfg.url, dest, cfg.sha256, cfg.timeout_s, progress)
+    return dest, digest
+
+
+def _ibug_splits(tar_path: Path, root: Path) -> Splits:
+    safe_extract(tar_path, root)
+    splits = {}
+    for split, list_name in IBUG_LISTS.items():
+        found = sorted(root.rglob(list_name))
+        if len(found) != 1:
+            raise DataError(f"{tar_path}: expected exactly one {list_name} in the archive, found {len(found)}")
+        splits[split] = _rebased(found[0], read_dlib_xml(found[0]), root)
+    return splits
+
+
+def _rebased(xml_path: Path, records: list[ImageRecord], root: Path) -> Items:
+    """Pair each record with its image path; ``file`` becomes relative to ``root`` (the extracted tree)."""
+    rel_dir = PurePosixPath(xml_path.parent.relative_to(root).as_posix())
+    return [(xml_path.parent / r.file, ImageRecord(file=str(rel_dir / r.file), faces=r.faces)) for r in records]
+
+
+# ------------------------------------------------------------------------------------------------ download
+def download(url: str, dest: Path, sha256: str = "", timeout_s: float = 30, progress: bool | None = None,
+             attempts: int = 3) -> str:
+    """Fetch ``url`` into ``dest`` with resume and a SHA-256 check; return the hex digest.
+
+    Bytes stream into ``<dest>.part``; an existing ``.part`` is resumed with ``Range: bytes=N-`` (a ``206``
+    reply appends, a ``200`` reply starts over). A connection cut mid-stream is retried (``attempts`` in all),
+    resuming each time. The digest must equal ``sha256`` when given; otherwise the first complete download
+    records it in ``<dest>.sha256`` and a later mismatch is refused. ``dest`` is only replaced by a verified file.
+    ``progress``: ``False`` silent; otherwise a tqdm bar when stderr is a terminal, else a log line every 5 s.
+    Raises :class:`DownloadError` when the server cannot be reached, :class:`DataError` on a hash mismatch.
+    """
+    dest = Path(dest)
+    part = dest.with_name(dest.name + ".part")
+    record = dest.with_name(dest.name + ".sha256")
+    expected = sha256 or (record.read_text(encoding="utf-8").strip() if record.is_file() else "")
+    what = "expected (data.ibug300w.sha256)" if sha256 else f"recorded in {record}"
+    if dest.is_file():
+        digest = file_sha256(dest)
+        if expected and digest != expected:
+            raise DataError(f"{dest}: SHA-256 {digest} does not match the {what} {expected}; "
+                            f"delete {dest} to download it again")
+        _record_hash(record, digest, sha256)
+        return digest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, attempts + 1):
+        try:
+            digest = _stream(url, part, timeout_s, progress)
+            break
+        except _Interrupted as exc:
+            if attempt == attempts:
+                raise DownloadError(f"{url}: download interrupted ({exc}) after {attempts} attempts; "
+                                    f"{part.stat().st_size} bytes kept in {part}, rerun to resume") from None
+            log.warning("%s: download interrupted (%s), resuming (attempt %d of %d)", url, exc, attempt + 1,
+                        attempts)
+    if expected and digest != expected:
+        rejected = dest.with_name(dest.name + ".rejected")
+        os.replace(part, rejected)  # a rerun starts afresh instead of resuming bad bytes
+        raise DataError(f"{url}: downloaded file has SHA-256 {digest} but the {what} is {expected}; "
+                        f"refusing it ({dest} not written; the download was moved to {rejected} for inspection)")
+    os.replace(part, dest)
+    _record_hash(record, digest, sha256)
+    log.info("%s: %d bytes, sha256 %s", dest, dest.stat().st_size, digest)
+    return digest
+
+
+class _Interrupted(Exception):
+    """The transfer stopped mid-stream (resumable)."""
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _record_hash(record: Path, digest: str, given: str) -> None:
+    if not given and not record.is_file():
+        atomic_write_text(record, digest + "\n")
+        log.info("recorded SHA-256 %s in %s", digest, record)
+
+
+def _open(url: str, offset: int, timeout_s: float):
+    """Open ``url`` (asking for bytes from ``offset`` on); offline-type failures raise :class:`DownloadError`."""
+    req = urllib.request.Request(url, headers={"User-Agent": "facemarks"})
+    if offset:
+        req.add_header("Range", f"bytes={offset}-")
+    try:
+        return urllib.request.urlopen(req, timeout=timeout_s)  # noqa: S310 (URL comes from params, scheme checked)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and offset:
+            return exc  # range not satisfiable: the caller inspects Content-Range
+        raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}. {OFFLINE_HINT}") from None
+    except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise DownloadError(f"cannot reach {url} ({reason}). {OFFLINE_HINT}") from None
+
+
+def _stream(url: str, part: Path, timeout_s: float, progress: bool | None) -> str:
+    """Append the rest of ``url`` to ``part``; returns the digest of the complete file."""
+    offset = part.stat().st_size if part.is_file() else 0
+    resp = _open(url, offset, timeout_s)
+    status = getattr(resp, "status", None) or 200
+    h = hashlib.sha256()
+    with resp:
+        if status == 416:
+            total = _content_range_total(resp.headers.get("Content-Range", ""))
+            if total == offset:
+                return file_sha256(part)
+            part.unlink()
+            return _stream(url, part, timeout_s, progress)
+        if status == 206 and _content_range_start(resp.headers.get("Content-Range", "")) == offset:
+            with open(part, "rb") as f:
+                for chunk in iter(lambda: f.read(_CHUNK), b""):
+                    h.update(chunk)
+            mode = "ab"
+        else:
+            if offset:
+                log.info("%s: server ignored the range request, starting over", url)
+            offset, mode = 0, "wb"
+        length = resp.headers.get("Content-Length")
+        total = offset + int(length) if length and length.isdigit() else None
+        done = offset
+        with open(part, mode) as f, _Progress(part.name, total, offset, progress) as bar:
+            while True:
+                try:
+                    chunk = resp.read(_CHUNK)
+                except (OSError, ValueError, http.client.HTTPException) as exc:
+                    raise _Interrupted(f"{type(exc).__name__} at byte {done}") from None
+                if not chunk:
+                    break
+                f.write(chunk)
+                h.update(chunk)
+                done += len(chunk)
+                bar.update(len(chunk))
+        if total is not None and done != total:
+            raise _Interrupted(f"connection closed at byte {done} of {total}")
+    return h.hexdigest()
+
+
+def _content_range_start(value: str) -> int | None:
+    """``'bytes 100-199/200'`` → 100."""
+    try:
+        return int(value.split()[1].split("-")[0])
+    except (IndexError, ValueError):
+        return None
+
+
+def _content_range_total(value: str) -> int | None:
+    """``'bytes */200'`` or ``'bytes 0-9/200'`` → 200."""
+    try:
+        return int(value.rsplit("/", 1)[1])
+    except (IndexError, ValueError):
+        return None
+
+
+class _Progress:
+    """tqdm bar on a terminal, else a log line (bytes, %, MB/s, ETA) every ``every_s`` seconds."""
+
+    def __init__(self, name: str, total: int | None, initial: int, enabled: bool | None, every_s: float = 5.0):
+        self.name, self.total, self.done, self.every_s = name, total, initial, every_s
+        self.enabled = enabled is not False
+        self.bar = None
+        self.t0 = self.last = time.monotonic()
+        self.start = initial
+        if self.enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="B", unit_scale=True, desc=name)
+
+    def __enter__(self) -> "_Progress":
+        return self
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.enabled and time.monotonic() - self.last >= self.every_s:
+            self.last = time.monotonic()
+            log.info("%s", self.line())
+
+    def line(self) -> str:
+        rate = (self.done - self.start) / max(time.monotonic() - self.t0, 1e-9)
+        if self.total:
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            return (f"{self.name}: {self.done / 1e6:.1f}/{self.total / 1e6:.1f} MB "
+                    f"({100 * self.done / self.total:.0f}%), {rate / 1e6:.1f} MB/s, ETA {eta:.0f} s")
+        return f"{self.name}: {self.done / 1e6:.1f} MB, {rate / 1e6:.1f} MB/s"
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ------------------------------------------------------------------------------------------------ extraction
+def safe_extract(tar_path: Path, dest: Path) -> list[str]:
+    """Extract ``tar_path`` into ``dest``, refusing any member that could land outside ``dest``.
+
+    Every member is checked before anything is written: absolute names, ``..`` components, symlinks or
+    hardlinks pointing outside ``dest``, and devices/FIFOs raise :class:`DataError` naming the member. The
+    extraction itself also uses tarfile's ``filter="data"``. Returns the member names.
+    """
+    tar_path, dest = Path(tar_path), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    root = dest.resolve()
+    try:
+        with tarfile.open(tar_path, "r:*") as tar:
+            members = tar.getmembers()
+            for m in members:
+                _check_member(m, root, tar_path)
+            tar.extractall(root, members=members, filter="data")
+    except tarfile.FilterError as exc:
+        raise DataError(f"{tar_path}: unsafe archive member refused by tarfile ({exc})") from None
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise DataError(f"{tar_path}: cannot extract ({type(exc).__name__}: {exc}); delete it to download again") \
+            from None
+    return [m.name for m in members]
+
+
+def _inside(root: Path, path: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def _check_member(m: tarfile.TarInfo, root: Path, tar_path: Path) -> None:
+    name = m.name
+    bad = f"{tar_path}: refusing archive member {name!r}"
+    if name.startswith(("/", "\\")) or PurePosixPath(name).is_absolute() or (len(name) > 1 and name[1] == ":"):
+        raise DataError(f"{bad}: absolute path")
+    if ".." in PurePosixPath(name.replace("\\", "/")).parts:
+        raise DataError(f"{bad}: '..' escapes the target folder")
+    target = Path(os.path.normpath(root / name))
+    if not _inside(root, target):
+        raise DataError(f"{bad}: resolves outside the target folder")
+    if m.issym() or m.islnk():
+        link = m.linkname
+        if link.startswith("/") or PurePosixPath(link).is_absolute():
+            raise DataError(f"{bad}: link to absolute path {link!r}")
+        base = target.parent if m.issym() else root
+        if not _inside(root, Path(os.path.normpath(base / link))):
+            raise DataError(f"{bad}: link to {link!r} points outside the target folder")
+    elif not (m.isfile() or m.isdir()):
+        raise DataError(f"{bad}: special file (device or FIFO)")
+
+
+# ================================================================================================ local
+def _local_splits(cfg: Local, seed: int, on_bad: str, skipped: collections.Counter) -> Splits:
+    """Read the local folder → ``{"train": [(image path, record)], "test": [...]}`` (records not yet validated)."""
+    folder = Path(cfg.path).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"data.local.path = {cfg.path!r}: not a folder")
+    xmls = sorted(p for p in folder.glob("*.xml") if p.is_file())
+    if xmls:
+        trains = [p for p in xmls if "train" in p.name.lower()]
+        tests = [p for p in xmls if "test" in p.name.lower() and p not in trains]
+        if trains and tests:
+            ignored = sorted(set(xmls) - set(trains) - set(tests))
+            if ignored:
+                log.info("local: ignoring %s (neither *train*.xml nor *test*.xml)", ", ".join(p.name for p in ignored))
+            return {"train": _read_lists(trains, on_bad, skipped), "test": _read_lists(tests, on_bad, skipped)}
+        if len(xmls) == 1:
+            return seeded_split(_read_lists(xmls, on_bad, skipped), cfg.test_fraction, seed)
+        raise DataError(f"{folder}: {len(xmls)} XML files ({', '.join(p.name for p in xmls)}) but no "
+                        "*train*.xml + *test*.xml pair; keep one list, or name them *train*.xml / *test*.xml")
+    pts = sorted(folder.rglob("*.pts"))
+    if pts:
+        return seeded_split(_read_pts_folder(pts, on_bad, skipped), cfg.test_fraction, seed)
+    raise DataError(f"{folder}: no dlib XML (*.xml) and no 300-W .pts files found")
+
+
+def seeded_split(items: Items, test_fraction: float, seed: int) -> Splits:
+    """Split images (not faces) into train/test: sorted by path, then a permutation seeded by ``seed``.
+
+    ``round(n × test_fraction)`` images go to test, at least one of each split when ``n ≥ 2``.
+    """
+    items = sorted(items, key=lambda it: (str(it[0]), it[1].file))
+    n = len(items)
+    n_test = int(round(n * test_fraction))
+    if n >= 2:
+        n_test = min(max(n_test, 1), n - 1)
+    order = np.random.default_rng(split_seed(seed, "local-split")).permutation(n)
+    test_idx = set(order[:n_test].tolist())
+    return {"train": [it for i, it in enumerate(items) if i not in test_idx],
+            "test": [it for i, it in enumerate(items) if i in test_idx]}
+
+
+def _read_lists(paths: list[Path], on_bad: str, skipped: collections.Counter) -> Items:
+    items = []
+    for path in paths:
+        items += [(path.parent / r.file, r) for r in read_xml_lenient(path, on_bad, skipped)]
+    return items
+
+
+def read_xml_lenient(path: Path, on_bad: str, skipped: collections.Counter) -> list[ImageRecord]:
+    """:func:`facemarks.io.read_dlib_xml`; with ``on_bad="skip"`` a malformed ``<image>`` is skipped and counted
+    in ``skipped["malformed_xml"]`` instead.
+
+    A file that is not well-formed XML at all is always an error (nothing in it can be trusted).
+    """
+    try:
+        return read_dlib_xml(path)
+    except DataError:
+        if on_bad == "error":
+            raise
+    try:
+        images = ET.parse(path).getroot().find("images")
+    except ET.ParseError as exc:
+        raise DataError(f"{path}: malformed XML ({exc}); fix or remove it") from None
+    if images is None:
+        raise DataError(f"{path}: no <images> element (not a dlib landmark XML)")
+    records = []
+    with tempfile.TemporaryDirectory() as tmp:
+        one = Path(tmp) / "one.xml"
+        for elem in images.findall("image"):
+            one.write_text(f"<dataset><images>{ET.tostring(elem, encoding='unicode')}</images></dataset>",
+                           encoding="utf-8")
+            try:
+                records += read_dlib_xml(one)
+            except DataError as exc:
+                message = str(exc).replace(str(one), f"{path} [{elem.get('file')}]")
+                _skip(skipped, _message_reason(message, "malformed_xml"), message)
+    return records
+
+
+def _read_pts_folder(pts_files: list[Path], on_bad: str, skipped: collections.Counter) -> Items:
+    """``.pts`` files → ``[(image path, record)]``; one face per file, box = tight box of the points."""
+    items = []
+    for pts_path in pts_files:
+        image = _image_beside(pts_path)
+        try:
+            if image is None:
+                raise DataError(f"{pts_path}: no image with the same stem ({', '.join(IMAGE_SUFFIXES)})")
+            points = read_pts(pts_path)
+        except DataError as exc:
+            reason = _message_reason(str(exc), "bad_pts") if image is not None else "missing_image"
+            if on_bad == "error":
+                raise
+            _skip(skipped, reason, str(exc))
+            continue
+        items.append((image, ImageRecord(file=image.name, faces=[Face(box=tight_box(points), points=points)])))
+    return items
+
+
+def _message_reason(message: str, default: str) -> str:
+    """Skip reason for a reader's :class:`DataError` message (``.pts`` and dlib XML readers in ``facemarks.io``)."""
+    if any(k in message for k in ("points, expected", "n_points", "odd number", "part index")):
+        return "wrong_point_count"
+    if "finite" in message:
+        return "nan_coordinates"
+    return default
+
+
+def _image_beside(pts_path: Path) -> Path | None:
+    for p in sorted(pts_path.parent.glob(pts_path.stem + ".*")):
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+            return p
+    return None
+
+
+def tight_box(points: np.ndarray) -> tuple[float, float, float, float]:
+    """``points (68, 2)`` → ``(left, top, width, height)`` whose pixel span covers every point centre."""
+    lo, hi = np.nanmin(points, axis=0), np.nanmax(points, axis=0)
+    return float(lo[0]), float(lo[1]), float(hi[0] - lo[0] + 1), float(hi[1] - lo[1] + 1)
+
+
+def _copy_local_images(checked: Splits, root: Path) -> dict[str, list[ImageRecord]]:
+    """Copy each used image to ``root/images/<split>/<name>`` (a numeric suffix on name clashes)."""
+    out: dict[str, list[ImageRecord]] = {}
+    for split, items in checked.items():
+        used: set[str] = set()
+        out[split] = []
+        for src, rec in items:
+            name, k = src.name, 1
+            while name.lower() in used:
+                name, k = f"{src.stem}_{k}{src.suffix}", k + 1
+            used.add(name.lower())
+            dst = root / "images" / split / name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+            out[split].append(ImageRecord(file=f"images/{split}/{name}", faces=rec.faces))
+    return out
+
+
+# ================================================================================================ validation
+def _skip(counter: collections.Counter, reason: str, message: str) -> None:
+    counter[reason] += 1
+    log.warning("skipping (%s): %s", reason, message)
+
+
+def validate_splits(splits: Splits, on_bad: str, skipped: collections.Counter) -> tuple[Splits, dict]:
+    """Validate every split with :func:`validate_records` (duplicates are looked for across splits).
+
+    Returns ``(checked, stats)``: the usable ``(image path, record)`` pairs per split and counts of kept points
+    outside their box / image and of images left without faces.
+    """
+    seen: set = set()
+    stats = {"n_points_outside_box": 0, "n_points_outside_image": 0, "n_images_without_faces": 0}
+    checked = {split: validate_records(items, on_bad, skipped, seen, stats) for split, items in splits.items()}
+    return checked, stats
+
+
+def validate_records(items: Items, on_bad: str, skipped: collections.Counter, seen: set, stats: dict) -> Items:
+    """Check each ``(image path, record)``; bad images/faces raise (``on_bad="error"``) or are skipped and counted.
+
+    Image level: ``missing_image``, ``bad_image`` (undecodable/truncated). Face level (:func:`face_problem`):
+    ``wrong_point_count``, ``nan_coordinates``, ``zero_area_box``, ``absurd_coordinates``; plus ``duplicate``
+    (same image file and box seen before, in any split; ``seen`` carries the keys). Images left with no faces are
+    dropped and counted in ``stats["n_images_without_faces"]``.
+    """
+    out = []
+    for image_path, rec in items:
+        try:
+            img = read_image(image_path)
+        except DataError as exc:
+            reason = "bad_image" if Path(image_path).is_file() else "missing_image"
+            _bad(on_bad, skipped, reason, f"{exc} (listed as {rec.file!r})")
+            continue
+        height, width = img.shape[:2]
+        faces = []
+        for i, face in enumerate(rec.faces):
+            problem = face_problem(face, width, height)
+            key = (str(Path(image_path).resolve()), tuple(float(v) for v in face.box))
+            if problem is None and key in seen:
+                problem = ("duplicate", f"box {face.box} listed more than once")
+            if problem is not None:
+                _bad(on_bad, skipped, problem[0], f"{image_path} (face {i}, listed as {rec.file!r}): {problem[1]}")
+                continue
+            seen.add(key)
+            stats["n_points_outside_box"] += int((~face.in_box()).sum())
+            stats["n_points_outside_image"] += int((~in_image(face.points, width, height)).sum())
+            faces.append(face)
+        if not faces:
+            stats["n_images_without_faces"] += 1
+            continue
+        out.append((Path(image_path), ImageRecord(file=rec.file, faces=faces)))
+    return out
+
+
+def _bad(on_bad: str, skipped: collections.Counter, reason: str, message: str) -> None:
+    if on_bad == "error":
+        raise DataError(f"{message} [{reason}; set data.on_bad: skip to skip and count such items]")
+    _skip(skipped, reason, message)
+
+
+def face_problem(face: Face, width: int, height: int) -> tuple[str, str] | None:
+    """``(reason, message)`` when ``face`` is unusable in a ``width × height`` image, else ``None``."""
+    pts = np.asarray(face.points, dtype=np.float64)
+    if pts.shape != (N_POINTS, 2):
+        return "wrong_point_count", f"points of shape {pts.shape}, expected ({N_POINTS}, 2)"
+    n_labelled = int(np.isfinite(pts).all(axis=1).sum())
+    if n_labelled != N_POINTS:
+        return "wrong_point_count", f"{n_labelled} labelled points, expected {N_POINTS}"
+    box = np.asarray(face.box, dtype=np.float64)
+    if not np.isfinite(box).all():
+        return "nan_coordinates", f"box {face.box} is not finite"
+    if box[2] <= 0 or box[3] <= 0:
+        return "zero_area_box", f"box {face.box} has zero area"
+    # The image spans [-0.5, size - 0.5]; allow one more image size on each side.
+    lo = np.array([-0.5 - width, -0.5 - height], dtype=np.float64)
+    hi = np.array([2 * width - 0.5, 2 * height - 0.5], dtype=np.float64)
+    far = ~((pts >= lo) & (pts <= hi)).all(axis=1)
+    if far.any():
+        i = int(np.flatnonzero(far)[0])
+        return "absurd_coordinates", (f"point {i} at ({pts[i, 0]:g}, {pts[i, 1]:g}) lies more than one image size "
+                                      f"outside the {width}×{height} image")
+    corners = np.array([[box[0], box[1]], [box[0] + box[2], box[1] + box[3]]])
+    if not ((corners >= lo) & (corners <= hi)).all():
+        return "absurd_coordinates", f"box {face.box} lies more than one image size outside the {width}×{height} image"
+    return None
+
+
+__all__ = ["DownloadError", "fetch", "download", "safe_extract", "seeded_split", "split_seed", "tight_box",
+           "validate_records", "face_problem", "file_sha256", "read_xml_lenient", "fetch_ibug_archive"]

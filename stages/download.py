@@ -1,0 +1,51 @@
+"""Stage download: build data/raw (images + train.xml/test.xml in dlib XML) from data.source.
+
+Writes data/raw/, metrics/download.json (counts, skipped items by reason, sha256 for ibug300w),
+reports/download_contact_sheet.png (16 test faces with their landmarks) and metrics/realism.json (dlib's
+68-point predictor on the test faces when the `peers` extra is installed, else {"skipped": reason}).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from facemarks import peers, sources, synthetic
+from facemarks.atomic import atomic_write_json
+from facemarks.io import read_dlib_xml
+from facemarks.params import flatten, load_params
+from facemarks.runner import run
+
+RAW = Path("data/raw")
+
+
+def numeric(d: dict) -> dict[str, float]:
+    """The numeric leaves of a nested dict, flattened (``skipped.bad_image`` …), for MLflow metrics."""
+    return {k: float(v) for k, v in flatten(d).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def main() -> None:
+    params = load_params()
+    summary = sources.fetch(params.data, params.base.seed, RAW)
+    atomic_write_json("metrics/download.json", summary)
+    test_records = read_dlib_xml(RAW / "test.xml")
+    synthetic.contact_sheet(test_records, RAW, Path("reports/download_contact_sheet.png"), n=16)
+    if peers.available():
+        realism = peers.realism(test_records, RAW, max_faces=300)
+    else:
+        realism = {"skipped": peers.unavailable_reason()}
+        print(f"download: realism check skipped ({realism['skipped']})")
+    atomic_write_json("metrics/realism.json", realism)
+
+    from facemarks.tracking import start_run
+    import mlflow
+
+    run_params = {"base": dataclasses.asdict(params.base), "data": dataclasses.asdict(params.data)}
+    with start_run("download", run_name="download", params=run_params):
+        mlflow.log_metrics(numeric(summary))
+        mlflow.log_metrics({f"realism.{k}": v for k, v in numeric(realism).items()})
+    print(f"download ({summary['source']}): train {summary['n_train_images']} images / {summary['n_train_faces']} "
+          f"faces, test {summary['n_test_images']} / {summary['n_test_faces']}, skipped {summary['n_skipped']}")
+
+
+if __name__ == "__main__":
+    run(main)
