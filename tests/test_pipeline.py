@@ -139,3 +139,29 @@ def test_same_params_and_seed_give_identical_metrics(tiny_repo, tmp_path, tmp_pa
         b = (again / f"metrics/train_{loss}_epochs.csv").read_text().splitlines()
         strip = lambda rows: [",".join(r.split(",")[:5]) for r in rows]  # drop the images/s column
         assert strip(a) == strip(b)
+
+
+def test_evaluate_runs_without_the_peers_extra(tiny_repo, tmp_path):
+    """With dlib unimportable the evaluate stage still runs; the dlib68 row is skipped with a one-line notice."""
+    import shutil
+
+    from conftest import pipeline_env
+
+    repo = tmp_path / "no-peers"
+    shutil.copytree(tiny_repo, repo)
+    block = tmp_path / "block"
+    block.mkdir()
+    (block / "sitecustomize.py").write_text("import sys\nsys.modules['dlib'] = None  # as if the extra were absent\n")
+    env = pipeline_env(repo)
+    env["PYTHONPATH"] = f"{block}:{env['PYTHONPATH']}"
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "stages/evaluate.py"], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ev = json.loads((repo / "metrics/eval.json").read_text())
+    assert "dlib68" not in ev and {"mse", "bce"} <= set(ev)
+    notices = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "dlib" in ln.lower()]
+    assert len(notices) == 1, notices
+    assert "dlib68" not in (repo / "metrics/ced.csv").read_text().splitlines()[0]

@@ -1,0 +1,209 @@
+"""``facemarks`` console script: ``predict``, ``compare``, ``preset``, ``ui``.
+
+    facemarks predict IMAGE... [--model models/bce/model.pt] [--loss bce] [--box x,y,w,h] [--out DIR] [--astronaut]
+    facemarks compare [--experiment NAME]
+    facemarks preset NAME [--params params.yaml]
+    facemarks ui [--launch]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+COMPARE_METRICS = ("test_nme", "test_nme_ip", "test_auc", "test_fr", "test_roundtrip_px", "best_val_nme",
+                   "final_val_loss", "test_ms_per_face_b1")
+
+
+def _box(text: str) -> tuple[float, float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4 or values[2] <= 0 or values[3] <= 0:
+        raise argparse.ArgumentTypeError(f"--box {text!r}: expected x,y,w,h with w, h > 0 (pixels)")
+    return values  # type: ignore[return-value]
+
+
+def _defaults(params_path: str) -> dict[str, Any]:
+    """Model input size, crop margin, sigma and decoder from ``params.yaml`` when present, else built-in defaults."""
+    from facemarks.params import Params, load_params
+
+    p = load_params(params_path) if Path(params_path).is_file() else Params()
+    return {"size": p.augment.size, "margin": p.augment.margin, "sigma": p.encode.sigma, "decoder": p.encode.decoder}
+
+
+def _best_decoder(loss: str, default: str) -> str:
+    path = Path("metrics/eval.json")
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8")).get(loss, {}).get("best_decoder", default)
+    return default
+
+
+def overlay_figure(image: Any, faces: list[dict[str, Any]], title: str) -> Any:
+    """The image with each face's box and 68 points (colour = confidence)."""
+    from facemarks.plots import plt
+
+    fig, ax = plt.subplots(figsize=(6, 6 * image.shape[0] / image.shape[1]))
+    ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
+    for face in faces:
+        left, top, w, h = face["box"]
+        ax.add_patch(plt.Rectangle((left - 0.5, top - 0.5), w, h, fill=False, color="yellow", lw=1))
+        ax.scatter(*face["points"].T, c=face["confidence"], cmap="autumn", s=8, vmin=0, vmax=1)
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+    return fig
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Predict every face of each image; JSON + overlay PNG per image in ``--out``. 1 when an image has no face."""
+    from facemarks.atomic import atomic_write_json
+    from facemarks.inference import face_to_json, predict_image
+    from facemarks.io import read_image
+    from facemarks.plots import save_figure
+    from facemarks.train import load_model
+
+    if not args.images and not args.astronaut:
+        print("facemarks predict: give at least one IMAGE or --astronaut", file=sys.stderr)
+        return 2
+    model_path = Path(args.model or f"models/{args.loss}/model.pt")
+    if not model_path.is_file():
+        print(f"facemarks predict: model file {model_path} not found (train first: dvc repro, or pass --model)",
+              file=sys.stderr)
+        return 1
+    cfg = _defaults(args.params)
+    size = args.size or cfg["size"]
+    decoder = args.decoder or _best_decoder(args.loss, cfg["decoder"])
+    model = load_model(model_path)
+    sources: list[tuple[str, Any]] = [(p, None) for p in args.images]
+    if args.astronaut:
+        from skimage.data import astronaut
+
+        sources.append(("astronaut", astronaut()))
+    status, out = 0, Path(args.out)
+    for name, image in sources:
+        image = read_image(name) if image is None else image
+        faces = predict_image(model, image, args.loss, args.box, size=size, margin=cfg["margin"], sigma=cfg["sigma"],
+                              decoder=decoder)
+        stem = Path(name).stem
+        if not faces:
+            print(f"facemarks predict: {name}: no face found (try --box x,y,w,h)", file=sys.stderr)
+            status = 1
+            continue
+        atomic_write_json(out / f"{stem}.json", {"image": str(name), "model": str(model_path), "loss": args.loss,
+                                                  "decoder": decoder, "faces": [face_to_json(f) for f in faces]})
+        save_figure(overlay_figure(image, faces, f"{stem}: {len(faces)} face(s), {args.loss}"), out / f"{stem}.png")
+        print(f"{name}: {len(faces)} face(s) -> {out / stem}.json, {out / stem}.png")
+    return status
+
+
+def compare_table(experiment: str) -> str:
+    """The MSE vs BCE table of the latest train run per loss in ``experiment`` (MLflow store of
+    :func:`facemarks.tracking.tracking_uri`), as aligned text."""
+    import mlflow
+
+    from facemarks.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    runs = mlflow.search_runs(experiment_names=[experiment], filter_string="tags.`dvc.stage` = 'train'",
+                              order_by=["attributes.start_time DESC"])
+    if runs.empty:
+        raise RuntimeError(f"no train runs in MLflow experiment {experiment!r} at {tracking_uri()}")
+    latest = runs.drop_duplicates("tags.loss")
+    header = f"{'metric':22s}" + "".join(f"{loss:>14s}" for loss in latest["tags.loss"])
+    lines = [header, "-" * len(header)]
+    for metric in COMPARE_METRICS:
+        col = f"metrics.{metric}"
+        if col in latest:
+            lines.append(f"{metric:22s}" + "".join(f"{v:14.4f}" for v in latest[col].astype(float)))
+    lines.append(f"{'run_id':22s}" + "".join(f"{rid[:12]:>14s}" for rid in latest["run_id"]))
+    if "metrics.test_nme" in latest and latest["metrics.test_nme"].notna().all() and len(latest) > 1:
+        best = latest.loc[latest["metrics.test_nme"].astype(float).idxmin(), "tags.loss"]
+        lines.append(f"winner (lowest test_nme): {best}")
+    return "\n".join(lines)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    experiment = args.experiment or _experiment(args.params)
+    print(compare_table(experiment))
+    return 0
+
+
+def _experiment(params_path: str) -> str:
+    from facemarks.params import load_params
+
+    return load_params(params_path).base.experiment if Path(params_path).is_file() else "facemarks"
+
+
+def cmd_preset(args: argparse.Namespace) -> int:
+    from facemarks.params import apply_preset
+
+    preset = Path(args.name) if args.name.endswith((".yaml", ".yml")) else Path("presets") / f"{args.name}.yaml"
+    if not preset.is_file():
+        raise FileNotFoundError(f"preset {preset} not found")
+    changed = apply_preset(preset, args.params)
+    for key, value in changed.items():
+        print(f"{key} = {value}")
+    print(f"applied {preset} to {args.params}")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from facemarks.tracking import tracking_uri
+
+    cmd = ["mlflow", "ui", "--backend-store-uri", tracking_uri(), "--host", "127.0.0.1", "--port", str(args.port)]
+    print(" ".join(cmd))
+    if args.launch:
+        return subprocess.call(cmd)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="facemarks", description="68-point facial keypoints by heatmaps")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("predict", parents=[common], help="predict 68 points on images (JSON + overlay PNG)")
+    p.add_argument("images", nargs="*", metavar="IMAGE")
+    p.add_argument("--model", help="model.pt (default: models/<loss>/model.pt)")
+    p.add_argument("--loss", default="bce", choices=("mse", "bce"), help="loss the model was trained with")
+    p.add_argument("--box", type=_box, help="face box x,y,w,h (px) instead of the cascade detector")
+    p.add_argument("--out", default="predictions", help="output folder (default: predictions)")
+    p.add_argument("--size", type=int, help="model input size (default: augment.size in params.yaml)")
+    p.add_argument("--decoder", help="heatmap decoder (default: best in metrics/eval.json, else encode.decoder)")
+    p.add_argument("--astronaut", action="store_true", help="also run on scikit-image's astronaut photo")
+    p.set_defaults(func=cmd_predict)
+    c = sub.add_parser("compare", parents=[common], help="print the MSE vs BCE table from the MLflow store")
+    c.add_argument("--experiment", help="MLflow experiment (default: base.experiment)")
+    c.set_defaults(func=cmd_compare)
+    s = sub.add_parser("preset", parents=[common], help="merge presets/NAME.yaml into params.yaml")
+    s.add_argument("name")
+    s.set_defaults(func=cmd_preset)
+    u = sub.add_parser("ui", parents=[common], help="print (or --launch) the loopback mlflow ui command")
+    u.add_argument("--port", type=int, default=5000)
+    u.add_argument("--launch", action="store_true")
+    u.set_defaults(func=cmd_ui)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; expected failures print one line and return non-zero."""
+    args = build_parser().parse_args(argv)
+    from facemarks.io import DataError
+    from facemarks.params import ParamsError
+
+    try:
+        return int(args.func(args))
+    except ParamsError as exc:
+        print(f"facemarks: bad parameter: {exc}", file=sys.stderr)
+        return 2
+    except (DataError, RuntimeError, FileNotFoundError) as exc:
+        print(f"facemarks: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

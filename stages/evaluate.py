@@ -1,0 +1,68 @@
+"""Stage evaluate: score models/{mse,bce} on data/augmented/test (every decoder, original px) against the mean shape
+and dlib; write metrics/eval.json, metrics/ced.csv, data/eval/predictions.npz; log test_* metrics to each train run."""
+from __future__ import annotations
+
+import numpy as np
+
+from facemarks import inference as inf
+from facemarks.atomic import atomic_dir, atomic_write_json, atomic_write_text
+from facemarks.metrics import ced_csv
+from facemarks.model import LOSSES
+from facemarks.params import load_params
+from facemarks.runner import run
+from facemarks.store import read_split
+from facemarks.train import load_model, resolve_device
+
+
+def peers_notice(wanted: bool) -> str | None:
+    """None when the dlib row can run, else the one-line reason it is skipped."""
+    if not wanted:
+        return "evaluate.peers is false"
+    try:
+        from facemarks import peers
+    except ImportError as exc:
+        return f"facemarks.peers cannot be imported ({exc})"
+    return None if peers.available() else peers.unavailable_reason()
+
+
+def main() -> None:
+    params = load_params()
+    ev, sigma, device = params.evaluate, params.encode.sigma, resolve_device("auto")
+    test, train = read_split("data/augmented/test"), read_split("data/augmented/train")
+    report, arrays, models = {}, {"gt": np.asarray(test.orig_points), "sigma": np.float64(sigma)}, {}
+    for loss in LOSSES:
+        models[loss] = load_model(f"models/{loss}/model.pt", device)
+        report[loss], out = inf.evaluate_loss(models[loss], test, loss, sigma, ev.threshold, ev.batch_size,
+                                              ev.speed_faces, device)
+        arrays.update({f"{k}_{loss}": v for k, v in out.items()})
+    report["mean_shape"], arrays["nme_mean_shape"] = inf.baseline_rows(train, test, ev.threshold)
+    notice = peers_notice(ev.peers)
+    if notice is None:
+        report["dlib68"], arrays["points_dlib68"], arrays["nme_dlib68"] = inf.dlib_row(test, "data/raw", ev.threshold)
+    else:
+        print(f"evaluate: no dlib68 row: {notice}")
+    report["roundtrip"] = inf.roundtrip_summary(test, sigma)
+    winner = min(LOSSES, key=lambda l: report[l]["nme_io"])
+    loser = next(name for name in LOSSES if name != winner)
+    report.update(winner=winner, winner_margin_nme=report[loser]["nme_io"] - report[winner]["nme_io"])
+    meta_aug = test.meta.get("augment", {})
+    report["astronaut"], astro = inf.astronaut(
+        models[winner], winner, size=int(test.meta["size"]), margin=float(meta_aug.get("margin", 0.25)), sigma=sigma,
+        decoder=report[winner]["best_decoder"], use_dlib=notice is None)
+    arrays.update(astro)
+
+    errors = {name: arrays[f"nme_{name}"] for name in (*LOSSES, "dlib68") if f"nme_{name}" in arrays}
+    with atomic_dir("data/eval") as tmp:
+        np.savez(tmp / "predictions.npz", **{k: np.asarray(v) for k, v in arrays.items()})
+    atomic_write_text("metrics/ced.csv", ced_csv(errors, ev.threshold))
+    atomic_write_json("metrics/eval.json", report)
+    inf.log_eval_mlflow(report, LOSSES)
+    for name in (*LOSSES, "mean_shape", "dlib68"):
+        if name in report:
+            r = report[name]
+            print(f"evaluate: {name:10s} NME {r['nme_io']:.3f}% (io)  AUC {r['auc']:.3f}  FR {r['fr']:.3f}")
+    print(f"evaluate: winner {winner} by {report['winner_margin_nme']:.3f} NME points; astronaut {report['astronaut']}")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,77 @@
+"""Stage plot: report figures and summary for MSE vs BCE into reports/eval/ (keypoints, heatmaps, best/worst,
+per-region NME, astronaut overlay, README.md), logged to MLflow as artifacts of a `plot` run."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from facemarks import plots
+from facemarks.atomic import atomic_dir
+from facemarks.inference import make_codec, predict_crops
+from facemarks.metrics import nme, normaliser
+from facemarks.model import LOSSES
+from facemarks.params import load_params
+from facemarks.runner import run
+from facemarks.store import read_split
+from facemarks.tracking import start_run
+from facemarks.train import load_model
+
+OUT = Path("reports/eval")
+
+
+def main() -> None:
+    p = load_params().plot
+    report = json.loads(Path("metrics/eval.json").read_text(encoding="utf-8"))
+    with np.load("data/eval/predictions.npz", allow_pickle=False) as f:
+        pred = dict(f)
+    val, test = read_split("data/augmented/val"), read_split("data/augmented/test")
+    sigma, winner, n = float(pred["sigma"]), report["winner"], min(p.n_examples, len(val))
+    images, gt, vis = np.array(val.images[:n]), np.asarray(val.points[:n], np.float64), np.asarray(val.visible[:n])
+    with atomic_dir(OUT) as tmp:
+        for loss in LOSSES:
+            points, _, heat = predict_crops(load_model(Path("models") / loss / "model.pt"), images, loss, sigma,
+                                            report[loss]["best_decoder"])
+            err = nme(points, gt, normaliser(gt, "io"), vis)
+            plots.save_figure(plots.keypoints_figure(images, gt, points, f"{loss.upper()}: validation faces", err),
+                              tmp / f"keypoints_{loss}.png", p.dpi)
+            if loss == winner:
+                target, _ = make_codec(images.shape[-1], sigma).encode(gt[:1], vis[:1])
+                fig = plots.heatmaps_figure(images[0], heat[0], target[0], plots.heatmap_indices(p.n_heatmap_points),
+                                            f"{loss.upper()}: predicted vs target heatmaps")
+                plots.save_figure(fig, tmp / "heatmaps.png", p.dpi)
+        fig = plots.best_worst_figure(np.asarray(test.images), np.asarray(test.points), pred[f"crop_points_{winner}"],
+                                      pred[f"nme_{winner}"], max(1, p.n_examples // 2),
+                                      f"{winner.upper()}: best and worst test faces (inter-ocular NME)")
+        plots.save_figure(fig, tmp / "best_worst.png", p.dpi)
+        plots.save_figure(plots.regions_figure(report), tmp / "regions.png", p.dpi)
+        plots.save_figure(astronaut(report, pred), tmp / "astronaut.png", p.dpi)
+        (tmp / "README.md").write_text(plots.summary_markdown(report), encoding="utf-8")
+    with start_run("plot", "plot", tags={"winner": winner}) as active:
+        active_log_artifacts(OUT)
+    print(f"plot: wrote {len(list(OUT.iterdir()))} files to {OUT}/")
+
+
+def astronaut(report: dict, pred: dict):
+    """The astronaut overlay; a notice figure when the cascade found no face."""
+    from skimage.data import astronaut as photo
+
+    info = report.get("astronaut", {})
+    if not info.get("found"):
+        fig = plots.plt.figure(figsize=(4, 1))
+        fig.text(0.5, 0.5, "no face found on the astronaut photo", ha="center")
+        return fig
+    dlib = pred.get("astro_dlib")
+    return plots.astronaut_figure(photo(), pred["astro_box"], pred["astro_ours"], dlib, info["loss"],
+                                  info.get("nme_vs_dlib"))
+
+
+def active_log_artifacts(folder: Path) -> None:
+    import mlflow
+
+    mlflow.log_artifacts(str(folder), artifact_path="reports/eval")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,83 @@
+"""facemarks.plots: every figure is written as a PNG that reads back; the summary names the winner and the margin."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from facemarks import plots
+from facemarks.codec import HeatmapCodec
+from facemarks.landmarks import REGIONS
+
+
+def read_png(path):
+    import imageio.v3 as iio
+
+    img = iio.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 50 and img.shape[1] > 50
+    assert img[..., :3].std() > 5  # something drawn, not a blank canvas
+    return img
+
+
+@pytest.fixture
+def faces():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, size=(6, 32, 32), dtype=np.uint8)
+    gt = rng.uniform(4, 28, size=(6, 68, 2))
+    pred = gt + rng.normal(0, 1, gt.shape)
+    return images, gt, pred, rng.uniform(0.01, 0.2, 6)
+
+
+def row(value: float) -> dict:
+    return {"nme_io": value, "nme_ip": 1.4 * value, "nme_box": 0.4 * value, "auc": 0.5, "fr": 0.1,
+            "regions": {r: value + i for i, r in enumerate(REGIONS)}}
+
+
+REPORT = {
+    "mse": {"subpixel": row(5.0), "best_decoder": "subpixel", "nme_io": 5.0, "ms_per_face_b1": 3.0,
+            "ms_per_face_batched": 1.0},
+    "bce": {"dark": row(4.0), "best_decoder": "dark", "nme_io": 4.0, "ms_per_face_b1": 3.1, "ms_per_face_batched": 1.1},
+    "mean_shape": row(9.0),
+    "dlib68": {**row(3.5), "ms_per_face": 1.3},
+    "winner": "bce", "winner_margin_nme": 1.0,
+    "roundtrip": {"subpixel": 0.001, "subpixel_max": 0.01},
+    "astronaut": {"found": True, "loss": "bce", "box": [175, 76, 91, 91], "nme_vs_dlib": 7.5},
+}
+
+
+def test_keypoint_and_best_worst_figures(tmp_path, faces):
+    images, gt, pred, err = faces
+    path = plots.save_figure(plots.keypoints_figure(images[:4], gt[:4], pred[:4], "val", err[:4]), tmp_path / "k.png")
+    read_png(path)
+    fig = plots.best_worst_figure(images, gt, pred, err, 2, "best/worst")
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    order = np.argsort(err)
+    assert titles[0] == f"best: NME {100 * err[order[0]]:.2f} %"
+    assert titles[2] == f"worst: NME {100 * err[order[-1]]:.2f} %"
+    read_png(plots.save_figure(fig, tmp_path / "bw.png", dpi=60))
+
+
+def test_heatmaps_regions_astronaut_figures(tmp_path, faces):
+    images, gt, _, _ = faces
+    codec = HeatmapCodec(32, 8, 1.0)
+    target, _ = codec.encode(gt[:1], np.ones((1, 68), bool))
+    idx = plots.heatmap_indices(3)
+    assert idx == [36, 45, 30] and len(set(plots.heatmap_indices(68))) == 68
+    read_png(plots.save_figure(plots.heatmaps_figure(images[0], target[0] * 0.5, target[0], idx), tmp_path / "h.png"))
+    fig = plots.regions_figure(REPORT)
+    assert len(fig.axes[0].patches) == 4 * len(REGIONS)  # mse, bce, dlib68, mean shape
+    read_png(plots.save_figure(fig, tmp_path / "r.png"))
+    from skimage.data import astronaut
+
+    ours = np.random.default_rng(1).uniform(180, 260, (68, 2))
+    fig = plots.astronaut_figure(astronaut(), np.array([175, 76, 91, 91.0]), ours, ours + 2, "bce", 7.5)
+    read_png(plots.save_figure(fig, tmp_path / "a.png"))
+
+
+def test_summary_names_winner_and_margin():
+    text = plots.summary_markdown(REPORT)
+    assert "**Winner: BCE**" in text
+    assert "4.000 % vs 5.000 % for MSE: 1.000 NME points (20.0 % lower)" in text
+    assert "| dlib68 |" in text and "| mean_shape |" in text
+    assert "NME vs dlib's points 7.50 %" in text
+    no_dlib = {k: v for k, v in REPORT.items() if k != "dlib68"}
+    assert "dlib68 row absent" in plots.summary_markdown(no_dlib)
