@@ -51,7 +51,8 @@ def nme(pred: np.ndarray, gt: np.ndarray, norm: np.ndarray, visible: np.ndarray 
     if index is not None:
         err, vis = err[:, index], vis[:, index]
     count = vis.sum(-1)
-    mean = np.where(count > 0, (err * vis).sum(-1) / np.maximum(count, 1), np.nan)
+    total = np.where(vis, err, 0.0).sum(-1)  # unlabelled points may be NaN: masked, not multiplied
+    mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
     return mean / np.maximum(np.asarray(norm, np.float64), _EPS)
 
 
@@ -122,8 +123,8 @@ def mean_shape(points: np.ndarray, visible: np.ndarray | None = None) -> np.ndar
     points = np.asarray(points, np.float64)
     if visible is None:
         return points.mean(0)
-    w = np.asarray(visible, np.float64)[..., None]
-    return (points * w).sum(0) / np.maximum(w.sum(0), 1.0)
+    vis = np.asarray(visible, bool)[..., None]
+    return np.where(vis, points, 0.0).sum(0) / np.maximum(vis.sum(0), 1)
 
 
 def mean_shape_predictions(shape: np.ndarray, transform: np.ndarray) -> np.ndarray:

@@ -9,8 +9,8 @@ the network normalises it itself, so callers never handle normalisation constant
 """
 from __future__ import annotations
 
+import logging
 import math
-import sys
 
 import numpy as np
 import torch
@@ -22,6 +22,8 @@ STRIDE = 4  # input pixels per heatmap cell
 # ImageNet RGB statistics averaged to one grey channel.
 GREY_MEAN = 0.449
 GREY_STD = 0.226
+
+log = logging.getLogger("facemarks.model")
 
 
 class HeatmapNet(nn.Module):
@@ -101,9 +103,9 @@ def build_model(
     """Build and initialise a :class:`HeatmapNet`.
 
     Args:
-        pretrained: start the backbone from torchvision's ImageNet ResNet18 (RGB stem summed to one
-            channel, as timm's ``adapt_input_conv`` does). When the weights cannot be had (offline),
-            prints one line to stderr and continues from scratch.
+        pretrained: start the backbone from torchvision's ImageNet ResNet18 (RGB stem averaged to one
+            channel, see :func:`load_imagenet_backbone`). When the weights cannot be had (offline), logs
+            one warning line and continues from scratch.
         prior: BCE target prior for the last bias (see :meth:`HeatmapNet.init_weights`).
     """
     model = HeatmapNet(num_keypoints, head_width, dropout)
@@ -113,14 +115,18 @@ def build_model(
 
 
 def load_imagenet_backbone(model: HeatmapNet) -> bool:
-    """Copy ImageNet ResNet18 weights into ``model.backbone``; False (with a notice) if unavailable."""
+    """Copy ImageNet ResNet18 weights into ``model.backbone``; False (one warning line) if unavailable.
+
+    The RGB stem (64, 3, 7, 7) is averaged over its colour channels and scaled by 3 -> (64, 1, 7, 7): the grey
+    image then gives the same first-layer response as a grey image copied to R, G and B.
+    """
     try:
         ref = resnet18(weights=ResNet18_Weights.IMAGENET1K_V1)
     except Exception as err:  # offline: URLError / OSError / RuntimeError from the hub download
-        print(f"pretrained: ImageNet ResNet18 weights unavailable ({type(err).__name__}: {err}); "
-              "training from scratch", file=sys.stderr)
+        reason = " ".join(f"{type(err).__name__}: {err}".split())[:200]
+        log.warning("train.pretrained: ImageNet ResNet18 weights unavailable (%s); training from scratch", reason)
         return False
-    ref.conv1.weight.data = ref.conv1.weight.data.sum(dim=1, keepdim=True)
+    ref.conv1.weight.data = 3.0 * ref.conv1.weight.data.mean(dim=1, keepdim=True)
     src = nn.Sequential(ref.conv1, ref.bn1, ref.relu, ref.maxpool,
                         ref.layer1, ref.layer2, ref.layer3, ref.layer4)
     model.backbone.load_state_dict(src.state_dict())

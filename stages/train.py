@@ -1,0 +1,59 @@
+"""Stage train@<loss>: train the ResNet18 heatmap network with one loss (mse | bce).
+
+Reads data/augmented/{train,val}/ and data/heatmaps/{train,val}.npy; writes models/<loss>/model.pt,
+metrics/train_<loss>.json, metrics/train_<loss>_epochs.csv and checkpoints/<loss>/last.pt (resumed when
+the params and data match). Under `torchrun --nproc_per_node=N` it trains with DDP; rank 0 logs and writes.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import torch.distributed as dist
+
+from facemarks import train
+from facemarks.model import LOSSES
+from facemarks.params import load_params
+from facemarks.runner import run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--loss", required=True, choices=LOSSES)
+    args = parser.parse_args()
+    loss = args.loss
+
+    params = load_params()
+    cfg = train.TrainConfig.from_params(params.train, params.base, params.encode)
+    device = train.resolve_device(params.train.device)
+    rank, world = train.init_distributed(device)
+    data = train.load_data("data/augmented", "data/heatmaps")
+    checkpoint_dir = Path("checkpoints") / loss
+
+    if rank != 0:
+        train.fit(cfg, data, loss, checkpoint_dir, device)
+    else:
+        from facemarks.tracking import start_run
+
+        previous = train.load_checkpoint(checkpoint_dir, train.fingerprint(cfg, data, loss))
+        run_params = {"loss": loss, "base": dataclasses.asdict(params.base), "train": dataclasses.asdict(params.train),
+                      "encode": {"sigma": cfg.sigma, "decoder": cfg.decoder}, "world_size": world,
+                      "device": str(device)}
+        run_id = train.existing_run_id(previous["run_id"]) if previous else None
+        with start_run(f"train@{loss}", run_name=loss, params=run_params, tags={"loss": loss}, run_id=run_id) as active:
+            result = train.fit(cfg, data, loss, checkpoint_dir, device,
+                               on_epoch=train.mlflow_epoch_logger(), run_id=active.info.run_id)
+            train.log_mlflow(result)
+        train.write_outputs(result, Path("models") / loss / "model.pt", Path("metrics") / f"train_{loss}.json",
+                            Path("metrics") / f"train_{loss}_epochs.csv")
+        s = result.summary
+        print(f"train@{loss}: val NME {s['final_val_nme']:.3f}% (best {s['best_val_nme']:.3f}% at epoch "
+              f"{s['best_epoch']}, mean shape {s['mean_shape_nme']:.3f}%), {s['images_per_s']:.1f} img/s, "
+              f"run {s['run_id']}")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run(main)
