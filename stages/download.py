@@ -12,15 +12,10 @@ from pathlib import Path
 from facemarks import peers, sources, synthetic
 from facemarks.atomic import atomic_write_json
 from facemarks.io import read_dlib_xml
-from facemarks.params import flatten, load_params
+from facemarks.params import load_params
 from facemarks.runner import run
 
 RAW = Path("data/raw")
-
-
-def numeric(d: dict) -> dict[str, float]:
-    """The numeric leaves of a nested dict, flattened (``skipped.bad_image`` …), for MLflow metrics."""
-    return {k: float(v) for k, v in flatten(d).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def main() -> None:
@@ -36,13 +31,13 @@ def main() -> None:
         print(f"download: realism check skipped ({realism['skipped']})")
     atomic_write_json("metrics/realism.json", realism)
 
-    from facemarks.tracking import start_run
+    from facemarks.tracking import numeric_leaves, start_run
     import mlflow
 
     run_params = {"base": dataclasses.asdict(params.base), "data": dataclasses.asdict(params.data)}
     with start_run("download", run_name="download", params=run_params):
-        mlflow.log_metrics(numeric(summary))
-        mlflow.log_metrics({f"realism.{k}": v for k, v in numeric(realism).items()})
+        mlflow.log_metrics(numeric_leaves(summary))
+        mlflow.log_metrics(numeric_leaves(realism, "realism"))
     print(f"download ({summary['source']}): train {summary['n_train_images']} images / {summary['n_train_faces']} "
           f"faces, test {summary['n_test_images']} / {summary['n_test_faces']}, skipped {summary['n_skipped']}")
 

@@ -315,24 +315,12 @@ def dlib_row(split: Any, raw_dir: str, threshold: float) -> tuple[dict[str, Any]
     return {**row, "ms_per_face": ms}, points, per_face
 
 
-def flatten_numbers(report: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """The numeric leaves of a nested report as ``{"a.b.c": value}`` (for MLflow metrics)."""
-    out: dict[str, float] = {}
-    for key, value in report.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict):
-            out.update(flatten_numbers(value, name))
-        elif isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and np.isfinite(value):
-            out[name] = float(value)
-    return out
-
-
 def log_eval_mlflow(report: dict[str, Any], losses: tuple[str, ...] = ("mse", "bce")) -> None:
     """``test_*`` metrics into each loss's train run (:func:`train_run_id`); every number into an ``evaluate`` run."""
     import mlflow
 
     from facemarks.codec import DECODERS
-    from facemarks.tracking import start_run
+    from facemarks.tracking import numeric_leaves, start_run
 
     for loss in losses:
         r = report[loss]
@@ -346,4 +334,4 @@ def log_eval_mlflow(report: dict[str, Any], losses: tuple[str, ...] = ("mse", "b
             mlflow.log_metrics(metrics)
             mlflow.set_tag("test_best_decoder", r["best_decoder"])
     with start_run("evaluate", "evaluate", tags={"winner": report["winner"]}):
-        mlflow.log_metrics(flatten_numbers(report))
+        mlflow.log_metrics(numeric_leaves(report))

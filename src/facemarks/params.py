@@ -77,7 +77,7 @@ class Data:
 
 @dataclass(frozen=True)
 class Augment:
-    size: int = _p(128, 16, 1024, doc="model input size (px), a multiple of 4")
+    size: int = _p(64, 16, 1024, doc="model input size (px), a multiple of 32")
     margin: float = _p(0.25, 0, 2, doc="crop margin around the box, fraction of the box size")
     copies: int = _p(2, 0, 100, doc="augmented copies per training image")
     val_fraction: float = _p(0.1, 0, 0.9)
@@ -109,14 +109,14 @@ class Encode:
 
 @dataclass(frozen=True)
 class Train:
-    epochs_phase1: int = _p(4, 1, 1000)
-    epochs_phase2: int = _p(2, 0, 1000)
-    lr: float = _p(5e-3, 0, 10, lo_open=True)
+    epochs_phase1: int = _p(2, 1, 1000)
+    epochs_phase2: int = _p(1, 0, 1000)
+    lr: float = _p(1e-3, 0, 10, lo_open=True)
     lr_drop: float = _p(0.1, 0, 1, lo_open=True)
-    batch_size: int = _p(64, 1, 65536)
+    batch_size: int = _p(32, 1, 65536)
     weight_decay: float = _p(1e-5, 0, 1)
     grad_clip: float = _p(5.0, 0, 1e6)
-    head_width: int = _p(128, 8, 4096)
+    head_width: int = _p(64, 8, 4096)
     dropout: float = _p(0.1, 0, 0.9)
     pretrained: bool = _p(False)
     device: str = _p("auto", choices=("auto", "cpu", "cuda"))
@@ -157,8 +157,9 @@ class Params:
         a = self.augment
         if a.scale_max < a.scale_min:
             raise ParamsError(f"augment.scale_max = {a.scale_max} must be ≥ augment.scale_min = {a.scale_min}")
-        if a.size % 4:
-            raise ParamsError(f"augment.size = {a.size} must be a multiple of 4 (heatmaps are 1/4 of the input)")
+        if a.size % 32:
+            raise ParamsError(f"augment.size = {a.size} must be a multiple of 32 (the ResNet18 backbone has stride 32; "
+                              "heatmaps are 1/4 of the input)")
         if self.data.source == "local" and not self.data.local.path:
             raise ParamsError("data.local.path is empty: set it to a folder when data.source = local")
 

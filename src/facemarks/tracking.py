@@ -7,6 +7,8 @@ experiment workspace under ``.dvc/tmp/exps/``: the root is then the outer reposi
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import os
 import subprocess
 import warnings
@@ -16,6 +18,12 @@ from typing import Any, Iterator
 from facemarks.params import flatten
 
 STORE_NAME = "mlflow.db"
+
+
+def numeric_leaves(report: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The finite numeric leaves of a nested dict as ``{"a.b.c": value}`` (MLflow metrics); bools are left out."""
+    return {k: float(v) for k, v in flatten(report, prefix).items()
+            if isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)}
 
 
 def repo_root(start: str | Path | None = None) -> Path:
