@@ -106,3 +106,34 @@ def test_tracking_run_has_tags_and_params(tmp_path, monkeypatch):
     assert got.data.params == {"encode.sigma": "1.5"}
     assert got.data.tags["dvc.stage"] == "encode" and got.data.tags["dvc.exp_name"] == "probe"
     assert got.data.metrics == {"x": 2.0}
+
+
+def test_dlib_xml_round_trip(tmp_path):
+    from facemarks.io import Face, ImageRecord, read_dlib_xml, write_dlib_xml
+
+    rng = np.random.default_rng(0)
+    pts = rng.uniform(-20, 300, (68, 2)).round(3)
+    pts[5] = np.nan  # unlabelled part: omitted on write, NaN on read
+    records = [ImageRecord("helen/a b&c'd.jpg", [Face((-12.0, 30.0, 150.0, 151.0), pts)]),
+               ImageRecord("two_faces.png", [Face((1.0, 2.0, 3.0, 4.0), np.arange(136.0).reshape(68, 2)),
+                                             Face((10.5, 20.25, 30.0, 40.0), pts[::-1].copy())])]
+    write_dlib_xml(tmp_path / "l.xml", records)
+    back = read_dlib_xml(tmp_path / "l.xml")
+    assert [r.file for r in back] == [r.file for r in records]
+    for rec, got in zip(records, back):
+        assert len(got.faces) == len(rec.faces)
+        for f, g in zip(rec.faces, got.faces):
+            assert tuple(g.box) == pytest.approx(f.box)
+            np.testing.assert_allclose(g.points, f.points, atol=5e-4, equal_nan=True)
+
+
+def test_pts_round_trip_is_one_indexed_on_disk(tmp_path):
+    from facemarks.io import read_pts, write_pts
+
+    pts = np.random.default_rng(1).uniform(0, 500, (68, 2)).round(3)
+    write_pts(tmp_path / "a.pts", pts)
+    text = (tmp_path / "a.pts").read_text()
+    assert text.startswith("version: 1\nn_points:  68\n{\n") and text.rstrip().endswith("}")
+    first = [float(v) for v in text.splitlines()[3].split()]
+    assert first == pytest.approx(pts[0] + 1.0)  # MATLAB 1-indexed on disk
+    np.testing.assert_allclose(read_pts(tmp_path / "a.pts"), pts, atol=1e-9)

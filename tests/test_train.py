@@ -236,7 +236,7 @@ def _stage_repo(tmp_path: Path, epochs: tuple[int, int] = (1, 1), batch: int = 4
     shutil.copy(ROOT / "params.yaml", repo / "params.yaml")
     apply_preset(ROOT / "presets" / "tiny.yaml", repo / "params.yaml")
     doc = yaml.safe_load((repo / "params.yaml").read_text())
-    doc["train"].update(epochs_phase1=epochs[0], epochs_phase2=epochs[1], batch_size=batch, head_width=8)
+    doc["train"].update(epochs_phase1=epochs[0], epochs_phase2=epochs[1], batch_size=batch, head_width=8, lr=5e-3)
     (repo / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     (repo / "dvc.yaml").write_text("stages: {}\n")  # marks the repo root for facemarks.tracking
     return repo

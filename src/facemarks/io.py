@@ -11,6 +11,7 @@ import math
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
+from xml.sax.saxutils import escape
 
 import numpy as np
 
@@ -101,6 +102,7 @@ def read_dlib_xml(path: str | Path) -> list[ImageRecord]:
 
 
 def _fmt(v: float) -> str:
+    """Integers as dlib writes them; sub-pixel values to 1e-3 px."""
     return str(int(v)) if float(v).is_integer() else f"{v:.3f}"
 
 
@@ -108,7 +110,7 @@ def dlib_xml_text(records: list[ImageRecord], name: str = "facemarks") -> str:
     """Serialise records in dlib's layout (integer coordinates stay integers; NaN parts are omitted)."""
     lines = ["<?xml version='1.0' encoding='ISO-8859-1'?>", "<dataset>", f"<name>{name}</name>", "<images>"]
     for rec in records:
-        lines.append(f"  <image file='{rec.file}'>")
+        lines.append(f"  <image file='{escape(rec.file, {chr(39): '&apos;'})}'>")
         for face in rec.faces:
             left, top, w, h = face.box
             lines.append(f"    <box top='{_fmt(top)}' left='{_fmt(left)}' width='{_fmt(w)}' height='{_fmt(h)}'>")
