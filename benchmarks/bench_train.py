@@ -6,7 +6,7 @@ already in memory; the full loop is ``train.train_one_epoch`` over ``train.make_
 written to a temp dir and memory-mapped back, as the stage does. Also times the model alone at each
 ``--head-widths`` (CPU speed at the default size). Prints a table, writes ``metrics/bench_train.json``.
 
-    PYTHONPATH=src python benchmarks/bench_train.py [--size 128] [--batch 64] [--batches 3]
+    PYTHONPATH=src python benchmarks/bench_train.py [--size 64] [--batch 32] [--batches 10]  (defaults: the default preset)
 """
 from __future__ import annotations
 
@@ -77,12 +77,12 @@ def full_loop(split: T.SplitArrays, batch: int, head_width: int, loss: str, work
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--batches", type=int, default=3, help="timed batches per measurement")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batches", type=int, default=10, help="timed batches per measurement")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--head-width", type=int, default=128)
-    parser.add_argument("--head-widths", default="128,64", help="model-alone speed at these head widths")
+    parser.add_argument("--head-width", type=int, default=64)
+    parser.add_argument("--head-widths", default="64,128", help="model-alone speed at these head widths")
     parser.add_argument("--loss", default="mse", choices=("mse", "bce"))
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--out", default="metrics/bench_train.json")
