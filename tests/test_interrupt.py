@@ -78,3 +78,45 @@ def test_killed_stage_leaves_no_partial_output(repo, name, out):
     run_stage(repo, name)
     assert same_tree(out, reference), f"{name}: rerun after the kills differs from the reference"
     assert leftovers(out) == [], f"{name}: temporaries of killed runs were not cleared: {leftovers(out)}"
+
+
+def _train_metrics(repo: Path) -> tuple[dict, list[str]]:
+    import json
+
+    summary = json.loads((repo / "metrics/train_mse.json").read_text())
+    summary = {k: v for k, v in summary.items() if k not in ("seconds", "images_per_s", "run_id")}
+    rows = (repo / "metrics/train_mse_epochs.csv").read_text().splitlines()
+    return summary, [",".join(r.split(",")[:5]) for r in rows]  # without the images/s column
+
+
+def test_training_killed_mid_epoch_resumes_to_the_same_metrics(tmp_path):
+    """SIGKILL train@mse during its second epoch, rerun it: same final metrics as an uninterrupted run."""
+    from test_train import _stage_repo
+
+    def stage(repo: Path) -> subprocess.Popen:
+        env = pipeline_env(repo)
+        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{repo / 'mlflow.db'}"
+        return subprocess.Popen([sys.executable, str(Path(__file__).resolve().parents[1] / "stages/train.py"),
+                                 "--loss", "mse"], cwd=repo, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    full = _stage_repo(tmp_path / "full", epochs=(2, 1), n_train=64)
+    proc = stage(full)
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+
+    killed = _stage_repo(tmp_path / "killed", epochs=(2, 1), n_train=64)
+    proc = stage(killed)
+    checkpoint = killed / "checkpoints/mse/last.pt"
+    deadline = time.time() + 600
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)  # into the second epoch
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the training finished before it could be killed; use more data"
+    assert not (killed / "models/mse/model.pt").exists()
+
+    proc = stage(killed)
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+    log = proc.stderr.read()
+    assert "resuming from" in log and "after epoch 1/3" in log, log[-3000:]  # resumed, not restarted
+    assert _train_metrics(killed) == _train_metrics(full)

@@ -228,11 +228,11 @@ def test_fit_warns_and_flags_collapse(tmp_path, caplog):
 
 
 # ------------------------------------------------------------------------------------------------ the stage
-def _stage_repo(tmp_path: Path, epochs: tuple[int, int] = (1, 1), batch: int = 4) -> Path:
+def _stage_repo(tmp_path: Path, epochs: tuple[int, int] = (1, 1), batch: int = 4, n_train: int = 8) -> Path:
     """A working dir with data, params.yaml (tiny preset) and the stage script."""
     from facemarks.params import apply_preset
 
-    repo = make_data(tmp_path / "repo")
+    repo = make_data(tmp_path / "repo", n_train=n_train)
     shutil.copy(ROOT / "params.yaml", repo / "params.yaml")
     apply_preset(ROOT / "presets" / "tiny.yaml", repo / "params.yaml")
     doc = yaml.safe_load((repo / "params.yaml").read_text())

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from facemarks import metrics
 from facemarks.io import ImageRecord, read_image
-from facemarks.landmarks import inter_ocular
 
 MODEL_FILE = "shape_predictor_68_face_landmarks.dat"
 
@@ -96,11 +96,6 @@ def detection_hit(true_box, detections) -> bool:
     return False
 
 
-def _nme(pred: np.ndarray, gt: np.ndarray) -> float:
-    """Inter-ocular NME in % of ``pred``/``gt`` ``(68, 2)``."""
-    return float(np.linalg.norm(pred - gt, axis=-1).mean() / inter_ocular(gt) * 100)
-
-
 def realism(records: list[ImageRecord], root: Path, max_faces: int | None = None) -> dict:
     """How real the faces look to dlib: its NME (%, true box), detector hit rate, and the mean-shape baseline.
 
@@ -111,19 +106,22 @@ def realism(records: list[ImageRecord], root: Path, max_faces: int | None = None
     faces = faces[:max_faces] if max_faces is not None else faces
     if not faces:
         raise ValueError("realism: no fully labelled faces to score")
-    dlib_nme, hits, norm, secs = [], [], [], 0.0
+    preds, hits, norm, secs = [], [], [], 0.0
     cache: dict[str, np.ndarray] = {}
     for rec, face in faces:
         img = cache.setdefault(rec.file, read_image(Path(root) / rec.file))
         t0 = time.perf_counter()
-        pred = model.predict(img, face.box)
+        preds.append(model.predict(img, face.box))
         secs += time.perf_counter() - t0
-        dlib_nme.append(_nme(pred, face.points))
         hits.append(detection_hit(face.box, model.detect(img, 1)))
         left, top, w, h = face.box
         norm.append((face.points - (left, top)) / (w, h))
-    mean_shape = np.mean(norm, axis=0)
-    ms_nme = [_nme(mean_shape * f.box[2:] + f.box[:2], f.points) for _, f in faces]
+    gt = np.stack([f.points for _, f in faces])  # (N, 68, 2)
+    boxes = np.array([f.box for _, f in faces], np.float64)  # (N, 4)
+    mean_shape = np.mean(norm, axis=0) * boxes[:, None, 2:] + boxes[:, None, :2]  # (N, 68, 2), in each true box
+    io = metrics.normaliser(gt, "io")
+    dlib_nme = 100 * metrics.nme(np.stack(preds), gt, io)
+    ms_nme = 100 * metrics.nme(mean_shape, gt, io)
     return {
         "n_faces": len(faces),
         "dlib_nme_mean": float(np.mean(dlib_nme)),
