@@ -110,9 +110,9 @@ def test_compare_prints_the_table_from_the_store(store, capsys):
     import mlflow
 
     mlflow.set_tracking_uri(store)
-    log_run("mse", "mse", "train", {"test_nme": 9.0, "best_val_nme": 8.0})  # older mse run, superseded
-    log_run("mse", "mse", "train", {"test_nme": 6.5, "best_val_nme": 6.0, "test_auc": 0.3})
-    log_run("bce", "bce", "train", {"test_nme": 5.25, "best_val_nme": 5.0, "test_auc": 0.4})
+    log_run("mse", "mse", "train@mse", {"test_nme": 9.0, "best_val_nme": 8.0})  # older mse run, superseded
+    log_run("mse", "mse", "train@mse", {"test_nme": 6.5, "best_val_nme": 6.0, "test_auc": 0.3})
+    log_run("bce", "bce", "train@bce", {"test_nme": 5.25, "best_val_nme": 5.0, "test_auc": 0.4})
     log_run("evaluate", None, "evaluate", {"test_nme": 1.0})
     assert cli.main(["compare", "--experiment", "cmp"]) == 0
     out = capsys.readouterr().out
@@ -130,8 +130,8 @@ def test_train_run_id_prefers_metrics_file_then_tags(store, tmp_path):
     from facemarks.inference import train_run_id
 
     mlflow.set_tracking_uri(store)
-    old = log_run("bce", "bce", "train", {}, "runs")
-    new = log_run("bce", "bce", "train", {}, "runs")
+    old = log_run("bce", "bce", "train@bce", {}, "runs")
+    new = log_run("bce", "bce", "train@bce", {}, "runs")
     assert train_run_id("bce", tmp_path, "runs") == new
     (tmp_path / "train_bce.json").write_text(json.dumps({"run_id": old}))
     assert train_run_id("bce", tmp_path, "runs") == old

@@ -108,7 +108,7 @@ def compare_table(experiment: str) -> str:
     from facemarks.tracking import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
-    runs = mlflow.search_runs(experiment_names=[experiment], filter_string="tags.`dvc.stage` = 'train'",
+    runs = mlflow.search_runs(experiment_names=[experiment], filter_string="tags.`dvc.stage` LIKE 'train%'",
                               order_by=["attributes.start_time DESC"])
     if runs.empty:
         raise RuntimeError(f"no train runs in MLflow experiment {experiment!r} at {tracking_uri()}")

@@ -236,7 +236,7 @@ def train_run_id(loss: str, metrics_dir: str = "metrics", experiment: str | None
             except mlflow.exceptions.MlflowException:
                 pass
     exps = [e.experiment_id for e in client.search_experiments() if experiment in (None, e.name)]
-    runs = client.search_runs(exps, f"tags.loss = '{loss}' and tags.`dvc.stage` = 'train'",
+    runs = client.search_runs(exps, f"tags.loss = '{loss}' and tags.`dvc.stage` LIKE 'train%'",
                               order_by=["attributes.start_time DESC"], max_results=1) if exps else []
     return runs[0].info.run_id if runs else None
 
