@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from facemarks import cli
-from facemarks.inference import box_iou, detect_faces, predict_image
+from facemarks.inference import detect_faces, predict_image
+from facemarks.io import box_iou
 from facemarks.model import build_model
 
 ROOT = Path(__file__).resolve().parents[1]

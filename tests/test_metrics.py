@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from facemarks import metrics
-from facemarks.augment import crop_transform, face_crop, invert_points
+from facemarks.augment import apply_transform, crop_transform, face_crop, invert_points
 from facemarks.landmarks import REGIONS
 from facemarks.metrics import (auc_fr, ced, ced_csv, crop_to_original, face_metrics, mean_shape,
                                mean_shape_predictions, nme, normaliser, region_nme)
@@ -97,7 +97,7 @@ def test_crop_to_original_inverts_augment_crop():
     boxes = [(30.0, 20.0, 90.0, 90.0), (-10.0, 5.0, 60.0, 70.0)]
     transforms = np.stack([crop_transform(b, 64, 0.25) for b in boxes])
     orig = rng.uniform(0, 120, size=(2, 68, 2))
-    crop = metrics.apply_affine(orig, transforms)
+    crop = apply_transform(orig, transforms)
     back = crop_to_original(crop, transforms)
     assert np.allclose(back, orig, atol=1e-9)
     for i in range(2):

@@ -81,16 +81,24 @@ def augment_matrix(size: int, angle_deg: float, scale: float, shift: tuple[float
 
 
 def apply_transform(points: np.ndarray, T: np.ndarray) -> np.ndarray:
-    """Map ``points (..., 2)`` with the ``(3, 3)`` matrix ``T`` (``[x, y, 1] @ T.T``) → ``(..., 2)`` float64."""
+    """Map points with ``[x, y, 1] @ T.T`` → float64, same shape as ``points``.
+
+    ``T (3, 3)`` maps every point ``(..., 2)``; ``T (N, 3, 3)`` maps each sample of ``points (N, K, 2)`` with its own.
+    """
     p = np.asarray(points, dtype=np.float64)
     T = np.asarray(T, dtype=np.float64)
-    h = p @ T[:2, :2].T + T[:2, 2]
-    w = p @ T[2, :2] + T[2, 2]
+    if T.ndim == 2:
+        h = p @ T[:2, :2].T + T[:2, 2]
+        w = p @ T[2, :2] + T[2, 2]
+    else:
+        h = p @ np.swapaxes(T[:, :2, :2], 1, 2) + T[:, None, :2, 2]
+        w = np.einsum("nkj,nj->nk", p, T[:, 2, :2]) + T[:, None, 2, 2]
     return h / w[..., None]
 
 
 def invert_points(points: np.ndarray, T: np.ndarray) -> np.ndarray:
-    """Crop px → original px: ``points (..., 2)`` mapped with ``inverse(T)`` → ``(..., 2)`` float64."""
+    """Crop px → original px: points mapped with ``inverse(T)`` (``T (3, 3)`` or ``(N, 3, 3)``, see
+    :func:`apply_transform`) → float64, same shape as ``points``."""
     return apply_transform(points, np.linalg.inv(np.asarray(T, dtype=np.float64)))
 
 

@@ -71,14 +71,6 @@ def to_gray(image: np.ndarray) -> np.ndarray:
     raise ValueError(f"to_gray: expected (H, W) or (H, W, 3) image, got {image.shape}")
 
 
-def box_iou(a: tuple | np.ndarray, b: tuple | np.ndarray) -> float:
-    """Intersection over union of two boxes ``(left, top, width, height)``."""
-    x0, y0 = max(a[0], b[0]), max(a[1], b[1])
-    x1, y1 = min(a[0] + a[2], b[0] + b[2]), min(a[1] + a[3], b[1] + b[3])
-    inter = max(x1 - x0, 0.0) * max(y1 - y0, 0.0)
-    return float(inter / (a[2] * a[3] + b[2] * b[3] - inter))
-
-
 def detect_faces(image: np.ndarray, min_size: int = 48, keep: float = 0.6) -> list[tuple[float, float, float, float]]:
     """Frontal faces with scikit-image's bundled LBP cascade (offline) as dlib-like boxes ``(l, t, w, h)``, largest first.
 

@@ -51,6 +51,14 @@ def in_image(points: np.ndarray, width: int, height: int) -> np.ndarray:
     return (x >= -0.5) & (x <= width - 0.5) & (y >= -0.5) & (y <= height - 0.5)
 
 
+def box_iou(a: tuple | np.ndarray, b: tuple | np.ndarray) -> float:
+    """Intersection over union of two boxes ``(left, top, width, height)``."""
+    x0, y0 = max(a[0], b[0]), max(a[1], b[1])
+    x1, y1 = min(a[0] + a[2], b[0] + b[2]), min(a[1] + a[3], b[1] + b[3])
+    inter = max(x1 - x0, 0.0) * max(y1 - y0, 0.0)
+    return float(inter / max(a[2] * a[3] + b[2] * b[3] - inter, 1e-9))
+
+
 def _num(elem: ET.Element, key: str, where: str) -> float:
     raw = elem.get(key)
     if raw is None:

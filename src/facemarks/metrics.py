@@ -106,16 +106,11 @@ def face_metrics(pred: np.ndarray, gt: np.ndarray, boxes: np.ndarray, visible: n
     }
 
 
-def apply_affine(points: np.ndarray, transform: np.ndarray) -> np.ndarray:
-    """Map points ``(N, K, 2)`` by affines ``(N, 3, 3)`` (row-vector convention ``[x, y, 1] @ T.T``)."""
-    points = np.asarray(points, np.float64)
-    t = np.asarray(transform, np.float64)
-    return np.einsum("nkj,nij->nki", points, t[:, :2, :2]) + t[:, None, :2, 2]
-
-
 def crop_to_original(points: np.ndarray, transform: np.ndarray) -> np.ndarray:
     """Crop px ``(N, K, 2)`` → original-image px through the inverse of the stored original→crop ``(N, 3, 3)``."""
-    return apply_affine(points, np.linalg.inv(np.asarray(transform, np.float64)))
+    from facemarks.augment import invert_points  # the one place crop transforms are applied
+
+    return invert_points(points, transform)
 
 
 def mean_shape(points: np.ndarray, visible: np.ndarray | None = None) -> np.ndarray:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from facemarks import metrics
-from facemarks.io import ImageRecord, read_image
+from facemarks.io import ImageRecord, box_iou, read_image
 
 MODEL_FILE = "shape_predictor_68_face_landmarks.dat"
 
@@ -78,20 +78,12 @@ class Dlib68:
         return [(r.left(), r.top(), r.right() - r.left() + 1, r.bottom() - r.top() + 1) for r in rects]
 
 
-def _iou(a, b) -> float:
-    ax1, ay1, ax2, ay2 = a[0], a[1], a[0] + a[2], a[1] + a[3]
-    bx1, by1, bx2, by2 = b[0], b[1], b[0] + b[2], b[1] + b[3]
-    iw, ih = max(0.0, min(ax2, bx2) - max(ax1, bx1)), max(0.0, min(ay2, by2) - max(ay1, by1))
-    inter = iw * ih
-    return inter / (a[2] * a[3] + b[2] * b[3] - inter + 1e-9)
-
-
 def detection_hit(true_box, detections) -> bool:
     """A detection overlaps ``true_box``: IoU ≥ 0.5 or its centre lies inside the true box."""
     left, top, w, h = true_box
     for d in detections:
         cx, cy = d[0] + d[2] / 2, d[1] + d[3] / 2
-        if _iou(true_box, d) >= 0.5 or (left <= cx <= left + w and top <= cy <= top + h):
+        if box_iou(true_box, d) >= 0.5 or (left <= cx <= left + w and top <= cy <= top + h):
             return True
     return False
 
