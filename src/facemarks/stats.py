@@ -1,0 +1,134 @@
+"""Paired comparison of two models scored on the same items: mean difference, bootstrap interval, Wilcoxon test.
+
+Note:
+    N: paired items (test faces, or training seeds). ``a (N,)`` and ``b (N,)`` are the errors of model ``a`` and
+    model ``b`` on the same items, in any unit (evaluate passes NME in %); ``delta = a - b``, so a negative
+    mean favours ``a`` (lower error).
+
+:func:`paired_comparison` is the face-level test of ``evaluate`` (``a`` = BCE, ``b`` = MSE): a percentile
+bootstrap of the mean difference (``n_boot`` resamples of the N pairs, seeded) and SciPy's Wilcoxon signed-rank
+p-value. A winner is named only when the interval excludes 0. :func:`seed_interval` is the seed-level interval
+used across training seeds (Student t on the per-seed mean differences), where N is too small to bootstrap.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+N_BOOT = 2000
+LEVEL = 0.95
+NOT_DISTINGUISHABLE = "not distinguishable at this budget"
+_CHUNK = 4_000_000  # bootstrap indices drawn per chunk (n_resamples x N), bounds memory for large N
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Result of :func:`paired_comparison` (``delta = a - b``; ``winner`` None unless the interval excludes 0)."""
+
+    a: str
+    b: str
+    n: int
+    mean_a: float
+    mean_b: float
+    mean_delta: float
+    ci_low: float
+    ci_high: float
+    level: float
+    n_boot: int
+    seed: int
+    p_wilcoxon: float
+    winner: str | None
+    verdict: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    if a.shape != b.shape:
+        raise ValueError(f"paired_comparison: a {a.shape} and b {b.shape} must have the same length (same items)")
+    keep = np.isfinite(a) & np.isfinite(b)  # an item without a score in either model is not a pair
+    return a[keep], b[keep]
+
+
+def bootstrap_means(delta: np.ndarray, n_boot: int = N_BOOT, seed: int = 0) -> np.ndarray:
+    """Means of ``n_boot`` resamples (with replacement) of ``delta (N,)`` -> ``(n_boot,)``; same seed, same result."""
+    delta = np.asarray(delta, np.float64).ravel()
+    n = len(delta)
+    if n == 0:
+        raise ValueError("bootstrap_means: no pairs")
+    if n_boot < 1:
+        raise ValueError(f"bootstrap_means: n_boot = {n_boot} must be >= 1")
+    rng = np.random.default_rng(seed)
+    rows = max(1, _CHUNK // n)
+    out = np.empty(n_boot)
+    for start in range(0, n_boot, rows):
+        stop = min(n_boot, start + rows)
+        out[start:stop] = delta[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
+    return out
+
+
+def wilcoxon_p(delta: np.ndarray) -> float:
+    """Two-sided Wilcoxon signed-rank p-value of ``delta (N,)`` against 0 (1.0 when every difference is 0)."""
+    from scipy.stats import wilcoxon
+
+    delta = np.asarray(delta, np.float64).ravel()
+    if not np.any(delta != 0):
+        return 1.0
+    return float(wilcoxon(delta).pvalue)
+
+
+def verdict_text(a: str, b: str, mean_delta: float, low: float, high: float, p: float | None, n: int,
+                 unit: str = "NME points", items: str = "faces") -> tuple[str | None, str]:
+    """``(winner, sentence)``: e.g. ``"MSE better by 0.61 NME points [95 % CI 0.30, 0.92], p = 0.0012 (n = 300
+    faces)"`` when the interval of ``a - b`` excludes 0, else the plain :data:`NOT_DISTINGUISHABLE` sentence."""
+    p_text = "" if p is None else f", p = {p:.2g}"
+    if low > 0 or high < 0:
+        winner, sign = (b, 1.0) if low > 0 else (a, -1.0)
+        lo, hi = sorted((sign * low, sign * high))
+        return winner, (f"{winner.upper()} better by {sign * mean_delta:.3f} {unit} [95 % CI {lo:.3f}, {hi:.3f}]"
+                        f"{p_text} (n = {n} {items})")
+    return None, (f"{NOT_DISTINGUISHABLE}: {a.upper()} − {b.upper()} = {mean_delta:+.3f} {unit} "
+                  f"[95 % CI {low:+.3f}, {high:+.3f}]{p_text} (n = {n} {items})")
+
+
+def paired_comparison(a: np.ndarray, b: np.ndarray, names: tuple[str, str] = ("bce", "mse"), seed: int = 0,
+                      n_boot: int = N_BOOT, level: float = LEVEL) -> Comparison:
+    """Paired comparison of errors ``a (N,)`` and ``b (N,)`` on the same items (non-finite pairs are dropped).
+
+    ``mean_delta`` = mean(a - b); ``[ci_low, ci_high]`` the percentile bootstrap interval at ``level`` from
+    :func:`bootstrap_means` (``n_boot`` resamples, ``seed``); ``p_wilcoxon`` from :func:`wilcoxon_p`. ``winner`` is
+    the name with the lower error only when the interval excludes 0.
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"paired_comparison: level = {level} must be in (0, 1)")
+    a, b = _pairs(a, b)
+    delta = a - b
+    means = bootstrap_means(delta, n_boot, seed)
+    low, high = (float(v) for v in np.quantile(means, [(1 - level) / 2, (1 + level) / 2]))
+    p = wilcoxon_p(delta)
+    mean_delta = float(delta.mean())
+    winner, verdict = verdict_text(*names, mean_delta, low, high, p, len(delta))
+    return Comparison(a=names[0], b=names[1], n=int(len(delta)), mean_a=float(a.mean()), mean_b=float(b.mean()),
+                      mean_delta=mean_delta, ci_low=low, ci_high=high, level=level, n_boot=int(n_boot),
+                      seed=int(seed), p_wilcoxon=p, winner=winner, verdict=verdict)
+
+
+def seed_interval(delta: np.ndarray, level: float = LEVEL) -> tuple[float, float, float, float]:
+    """Across training seeds: ``delta (S,)`` per-seed mean differences -> ``(mean, sd, low, high)``, a Student t
+    interval at ``level`` (NaN bounds with fewer than 2 seeds; sd with ``ddof=1``)."""
+    from scipy.stats import t
+
+    delta = np.asarray(delta, np.float64).ravel()
+    delta = delta[np.isfinite(delta)]
+    if len(delta) == 0:
+        raise ValueError("seed_interval: no seeds")
+    mean = float(delta.mean())
+    if len(delta) < 2:
+        return mean, float("nan"), float("nan"), float("nan")
+    sd = float(delta.std(ddof=1))
+    half = float(t.ppf((1 + level) / 2, len(delta) - 1)) * sd / np.sqrt(len(delta))
+    return mean, sd, mean - half, mean + half
