@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from facemarks import inference as inf
+from facemarks import evaluation
 from facemarks.atomic import atomic_dir, atomic_write_json, atomic_write_text
 from facemarks.metrics import ced_csv
-from facemarks.model import LOSSES
+from facemarks.model import LOSSES, load_model
 from facemarks.params import load_params
 from facemarks.runner import run
 from facemarks.store import read_split
-from facemarks.train import load_model, resolve_device
+from facemarks.train import resolve_device
 
 
 def peers_notice(wanted: bool) -> str | None:
@@ -32,21 +32,22 @@ def main() -> None:
     report, arrays, models = {}, {"gt": np.asarray(test.orig_points), "sigma": np.float64(sigma)}, {}
     for loss in LOSSES:
         models[loss] = load_model(f"models/{loss}/model.pt", device)
-        report[loss], out = inf.evaluate_loss(models[loss], test, loss, sigma, ev.threshold, ev.batch_size,
-                                              ev.speed_faces, device)
+        report[loss], out = evaluation.evaluate_loss(models[loss], test, loss, sigma, ev.threshold, ev.batch_size,
+                                                     ev.speed_faces, device)
         arrays.update({f"{k}_{loss}": v for k, v in out.items()})
-    report["mean_shape"], arrays["nme_mean_shape"] = inf.baseline_rows(train, test, ev.threshold)
+    report["mean_shape"], arrays["nme_mean_shape"] = evaluation.baseline_rows(train, test, ev.threshold)
     notice = peers_notice(ev.peers)
     if notice is None:
-        report["dlib68"], arrays["points_dlib68"], arrays["nme_dlib68"] = inf.dlib_row(test, "data/raw", ev.threshold)
+        report["dlib68"], arrays["points_dlib68"], arrays["nme_dlib68"] = evaluation.dlib_row(test, "data/raw",
+                                                                                              ev.threshold)
     else:
         print(f"evaluate: no dlib68 row: {notice}")
-    report["roundtrip"] = inf.roundtrip_summary(test, sigma)
+    report["roundtrip"] = evaluation.roundtrip_summary(test, sigma)
     winner = min(LOSSES, key=lambda l: report[l]["nme_io"])
     loser = next(name for name in LOSSES if name != winner)
     report.update(winner=winner, winner_margin_nme=report[loser]["nme_io"] - report[winner]["nme_io"])
     meta_aug = test.meta.get("augment", {})
-    report["astronaut"], astro = inf.astronaut(
+    report["astronaut"], astro = evaluation.astronaut(
         models[winner], winner, size=int(test.meta["size"]), margin=float(meta_aug.get("margin", 0.25)), sigma=sigma,
         decoder=report[winner]["best_decoder"], use_dlib=notice is None)
     arrays.update(astro)
@@ -56,7 +57,7 @@ def main() -> None:
         np.savez(tmp / "predictions.npz", **{k: np.asarray(v) for k, v in arrays.items()})
     atomic_write_text("metrics/ced.csv", ced_csv(errors, ev.threshold))
     atomic_write_json("metrics/eval.json", report)
-    inf.log_eval_mlflow(report, LOSSES)
+    evaluation.log_eval_mlflow(report, LOSSES)
     for name in (*LOSSES, "mean_shape", "dlib68"):
         if name in report:
             r = report[name]

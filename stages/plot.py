@@ -11,12 +11,11 @@ from facemarks import plots
 from facemarks.atomic import atomic_dir
 from facemarks.inference import make_codec, predict_crops
 from facemarks.metrics import nme, normaliser
-from facemarks.model import LOSSES
+from facemarks.model import LOSSES, load_model
 from facemarks.params import load_params
 from facemarks.runner import run
 from facemarks.store import read_split
 from facemarks.tracking import start_run
-from facemarks.train import load_model
 
 OUT = Path("reports/eval")
 

@@ -1,5 +1,6 @@
-"""facemarks.cli and facemarks.inference on real inputs: the astronaut photo through the cascade and a real (untrained,
-seeded) HeatmapNet, the no-face exit, `compare` on a real sqlite MLflow store, `preset`, `ui`, train-run lookup."""
+"""facemarks.cli, facemarks.predict and facemarks.evaluation on real inputs: the astronaut photo through the cascade
+and a real (untrained, seeded) HeatmapNet, the no-face exit, `compare` on a real sqlite MLflow store, `preset`, `ui`,
+train-run lookup."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 from facemarks import cli
-from facemarks.inference import detect_faces, predict_image
+from facemarks.detect import detect
+from facemarks.predict import predict_image
 from facemarks.io import box_iou
 from facemarks.model import build_model
 
@@ -43,21 +45,22 @@ def store(tmp_path_factory):
 def test_cascade_finds_the_astronaut_face():
     from skimage.data import astronaut
 
-    boxes = detect_faces(astronaut())
+    boxes = [d.box for d in detect(astronaut(), "cascade")]
     assert len(boxes) == 1
     left, top, w, h = boxes[0]
     assert box_iou(boxes[0], ASTRONAUT_FACE) > 0.8
     assert left < ASTRONAUT_CENTRE[0] < left + w and top < ASTRONAUT_CENTRE[1] < top + h
-    assert detect_faces(np.full((200, 200), 128, np.uint8)) == []
+    assert detect(np.full((200, 200), 128, np.uint8), "cascade") == []
 
 
 def test_predict_image_returns_68_points_around_the_face(model_file):
     from skimage.data import astronaut
 
-    from facemarks.train import load_model
+    from facemarks.model import load_model
 
-    faces = predict_image(load_model(model_file), astronaut(), "bce", size=SIZE, margin=0.25, sigma=1.5)
-    assert len(faces) == 1
+    faces = predict_image(load_model(model_file), astronaut(), "bce", size=SIZE, margin=0.25, sigma=1.5,
+                          detector="cascade")
+    assert len(faces) == 1 and faces[0]["detector"] == "cascade" and faces[0]["score"] is None
     pts, box = faces[0]["points"], faces[0]["box"]
     assert pts.shape == (68, 2) and np.isfinite(pts).all()
     assert faces[0]["confidence"].shape == (68,)
@@ -66,7 +69,7 @@ def test_predict_image_returns_68_points_around_the_face(model_file):
     assert (pts[:, 0] > left - pad).all() and (pts[:, 0] < left + w + pad).all()
     assert (pts[:, 1] > top - pad).all() and (pts[:, 1] < top + h + pad).all()
     given = predict_image(load_model(model_file), astronaut(), "bce", box=ASTRONAUT_FACE, size=SIZE)
-    assert given[0]["box"] == list(ASTRONAUT_FACE)
+    assert given[0]["box"] == list(ASTRONAUT_FACE) and given[0]["detector"] == "given"
 
 
 def test_cli_predict_astronaut_writes_json_and_overlay(tmp_path, model_file, capsys):
@@ -75,7 +78,9 @@ def test_cli_predict_astronaut_writes_json_and_overlay(tmp_path, model_file, cap
                    "--out", str(out), "--params", str(tmp_path / "absent.yaml")])
     assert rc == 0, capsys.readouterr().err
     doc = json.loads((out / "astronaut.json").read_text())
-    assert doc["loss"] == "mse" and len(doc["faces"]) == 1
+    assert doc["loss"] == "mse" and doc["model_choice"] == "--model and --loss given" and len(doc["faces"]) >= 1
+    assert box_iou(doc["faces"][0]["box"], ASTRONAUT_FACE) > 0.7  # the best detection is the astronaut's face
+    assert all(f["detector"] == doc["detector"] for f in doc["faces"])
     assert np.asarray(doc["faces"][0]["points"]).shape == (68, 2)
     assert len(doc["faces"][0]["confidence"]) == 68
     import imageio.v3 as iio
@@ -88,10 +93,11 @@ def test_cli_predict_no_face_exits_1_with_a_message(tmp_path, model_file, capsys
 
     blank = tmp_path / "blank.png"
     write_image(blank, np.full((120, 160), 200, np.uint8))
-    rc = cli.main(["predict", str(blank), "--model", str(model_file), "--size", str(SIZE), "--out", str(tmp_path)])
+    rc = cli.main(["predict", str(blank), "--model", str(model_file), "--loss", "bce", "--size", str(SIZE),
+                   "--out", str(tmp_path)])
     assert rc == 1
     assert "blank.png: no face found" in capsys.readouterr().err
-    assert cli.main(["predict", str(blank), "--model", str(tmp_path / "missing.pt")]) == 1
+    assert cli.main(["predict", str(blank), "--model", str(tmp_path / "missing.pt"), "--loss", "mse"]) == 1
     assert "not found" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["predict", str(blank), "--box", "1,2,3"])
@@ -128,7 +134,7 @@ def test_compare_prints_the_table_from_the_store(store, capsys):
 def test_train_run_id_prefers_metrics_file_then_tags(store, tmp_path):
     import mlflow
 
-    from facemarks.inference import train_run_id
+    from facemarks.evaluation import train_run_id
 
     mlflow.set_tracking_uri(store)
     old = log_run("bce", "bce", "train@bce", {}, "runs")
@@ -157,8 +163,8 @@ def test_preset_and_ui(tmp_path, monkeypatch, store, capsys):
 
 def test_astronaut_summary_without_and_with_dlib(model_file):
     from facemarks import peers
-    from facemarks.inference import astronaut
-    from facemarks.train import load_model
+    from facemarks.evaluation import astronaut
+    from facemarks.model import load_model
 
     model = load_model(model_file)
     kw = dict(size=SIZE, margin=0.25, sigma=1.5, decoder="subpixel")

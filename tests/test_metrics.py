@@ -1,4 +1,4 @@
-"""facemarks.metrics and the evaluation helpers of facemarks.inference: hand-computed NME / AUC / FR / CED cases,
+"""facemarks.metrics and the evaluation helpers of facemarks.evaluation: hand-computed NME / AUC / FR / CED cases,
 the crop → original mapping, the mean-shape baseline, decoding a split end to end."""
 from __future__ import annotations
 
@@ -129,7 +129,8 @@ def test_mean_shape_baseline_is_exact_when_every_face_is_the_mean():
 
 
 def test_evaluate_decoders_on_perfect_heatmaps():
-    from facemarks.inference import evaluate_decoders, make_codec
+    from facemarks.evaluation import evaluate_decoders
+    from facemarks.inference import make_codec
 
     rng = np.random.default_rng(3)
     size = 64
@@ -147,7 +148,7 @@ def test_evaluate_decoders_on_perfect_heatmaps():
 
 
 def test_raw_sources_from_meta_or_by_box():
-    from facemarks.inference import raw_sources
+    from facemarks.evaluation import raw_sources
     from facemarks.io import Face, ImageRecord
 
     boxes = np.array([[10.0, 10.0, 50.0, 50.0], [0.0, 5.0, 20.0, 20.0]])

@@ -1,6 +1,7 @@
 """``facemarks`` console script: ``predict``, ``compare``, ``preset``, ``ui``.
 
-    facemarks predict IMAGE... [--model models/bce/model.pt] [--loss bce] [--box x,y,w,h] [--out DIR] [--astronaut]
+    facemarks predict IMAGE... [--model PATH] [--loss {mse,bce}] [--detector {auto,dlib,cascade}] [--box x,y,w,h]
+                               [--out DIR] [--no-overlay] [--astronaut]
     facemarks compare [--experiment NAME]
     facemarks preset NAME [--params params.yaml]
     facemarks ui [--launch]
@@ -8,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -36,13 +36,6 @@ def _defaults(params_path: str) -> dict[str, Any]:
     return {"size": p.augment.size, "margin": p.augment.margin, "sigma": p.encode.sigma, "decoder": p.encode.decoder}
 
 
-def _best_decoder(loss: str, default: str) -> str:
-    path = Path("metrics/eval.json")
-    if path.is_file():
-        return json.loads(path.read_text(encoding="utf-8")).get(loss, {}).get("best_decoder", default)
-    return default
-
-
 def overlay_figure(image: Any, faces: list[dict[str, Any]], title: str) -> Any:
     """The image with each face's box and 68 points (colour = confidence)."""
     from facemarks.plots import plt
@@ -59,24 +52,32 @@ def overlay_figure(image: Any, faces: list[dict[str, Any]], title: str) -> Any:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    """Predict every face of each image; JSON + overlay PNG per image in ``--out``. 1 when an image has no face."""
+    """Predict every face of each image; JSON (+ overlay PNG unless ``--no-overlay``) per image in ``--out``.
+    1 when an image has no face. Imports nothing of MLflow, DVC or the training loop (matplotlib only for overlays)."""
     from facemarks.atomic import atomic_write_json
-    from facemarks.inference import face_to_json, predict_image
+    from facemarks.detect import resolve
     from facemarks.io import read_image
-    from facemarks.plots import save_figure
-    from facemarks.train import load_model
+    from facemarks.model import load_model
+    from facemarks.predict import best_decoder, choose_model, face_to_json, predict_image
 
     if not args.images and not args.astronaut:
         print("facemarks predict: give at least one IMAGE or --astronaut", file=sys.stderr)
         return 2
-    model_path = Path(args.model or f"models/{args.loss}/model.pt")
+    try:
+        choice = choose_model(args.loss, args.model)
+    except ValueError as exc:
+        print(f"facemarks predict: {exc}", file=sys.stderr)
+        return 2
+    model_path, loss = choice.path, choice.loss
     if not model_path.is_file():
         print(f"facemarks predict: model file {model_path} not found (train first: dvc repro, or pass --model)",
               file=sys.stderr)
         return 1
+    detector = resolve(args.detector) if args.box is None else "given"
+    print(f"model: {model_path} ({loss}; {choice.why}); faces: {'--box' if args.box else detector}")
     cfg = _defaults(args.params)
     size = args.size or cfg["size"]
-    decoder = args.decoder or _best_decoder(args.loss, cfg["decoder"])
+    decoder = args.decoder or best_decoder(loss, cfg["decoder"])
     model = load_model(model_path)
     sources: list[tuple[str, Any]] = [(p, None) for p in args.images]
     if args.astronaut:
@@ -86,17 +87,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
     status, out = 0, Path(args.out)
     for name, image in sources:
         image = read_image(name) if image is None else image
-        faces = predict_image(model, image, args.loss, args.box, size=size, margin=cfg["margin"], sigma=cfg["sigma"],
-                              decoder=decoder)
+        faces = predict_image(model, image, loss, args.box, size=size, margin=cfg["margin"], sigma=cfg["sigma"],
+                              decoder=decoder, detector=args.detector)
         stem = Path(name).stem
         if not faces:
-            print(f"facemarks predict: {name}: no face found (try --box x,y,w,h)", file=sys.stderr)
+            print(f"facemarks predict: {name}: no face found by {detector} (try --box x,y,w,h)", file=sys.stderr)
             status = 1
             continue
-        atomic_write_json(out / f"{stem}.json", {"image": str(name), "model": str(model_path), "loss": args.loss,
-                                                  "decoder": decoder, "faces": [face_to_json(f) for f in faces]})
-        save_figure(overlay_figure(image, faces, f"{stem}: {len(faces)} face(s), {args.loss}"), out / f"{stem}.png")
-        print(f"{name}: {len(faces)} face(s) -> {out / stem}.json, {out / stem}.png")
+        atomic_write_json(out / f"{stem}.json", {"image": str(name), "model": str(model_path), "loss": loss,
+                                                  "model_choice": choice.why, "decoder": decoder,
+                                                  "detector": detector, "faces": [face_to_json(f) for f in faces]})
+        found = ", ".join(f"{f['detector']}" + ("" if f["score"] is None else f" {f['score']:.2f}") for f in faces)
+        print(f"{name}: {len(faces)} face(s) [{found}] -> {out / stem}.json")
+        if not args.no_overlay:
+            from facemarks.plots import save_figure
+
+            save_figure(overlay_figure(image, faces, f"{stem}: {len(faces)} face(s), {loss}"), out / f"{stem}.png")
+            print(f"{name}: overlay -> {out / stem}.png")
     return status
 
 
@@ -169,8 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", parents=[common], help="predict 68 points on images (JSON + overlay PNG)")
     p.add_argument("images", nargs="*", metavar="IMAGE")
     p.add_argument("--model", help="model.pt (default: models/<loss>/model.pt)")
-    p.add_argument("--loss", default="bce", choices=("mse", "bce"), help="loss the model was trained with")
-    p.add_argument("--box", type=_box, help="face box x,y,w,h (px) instead of the cascade detector")
+    p.add_argument("--loss", choices=("mse", "bce"),
+                   help="loss the model was trained with (default: the winner in metrics/eval.json, else mse)")
+    p.add_argument("--detector", default="auto", choices=("auto", "dlib", "cascade"),
+                   help="face detector (default auto: dlib's HOG detector when installed, else the cascade)")
+    p.add_argument("--box", type=_box, help="face box x,y,w,h (px) instead of a detector")
+    p.add_argument("--no-overlay", action="store_true", help="write only the JSON, no overlay PNG")
     p.add_argument("--out", default="predictions", help="output folder (default: predictions)")
     p.add_argument("--size", type=int, help="model input size (default: augment.size in params.yaml)")
     p.add_argument("--decoder", help="heatmap decoder (default: best in metrics/eval.json, else encode.decoder)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -173,3 +174,12 @@ def heatmap_loss(
     per_kp = per_pixel.mean(dim=(-2, -1))
     weights = weights.to(per_kp.dtype)
     return (per_kp * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> HeatmapNet:
+    """Rebuild a :class:`HeatmapNet` from a ``model.pt`` state_dict (K and head width read from it), in eval mode."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    k, width = state["final.weight"].shape[:2]
+    model = HeatmapNet(num_keypoints=int(k), head_width=int(width))
+    model.load_state_dict(state)
+    return model.to(device).eval()

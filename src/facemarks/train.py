@@ -39,6 +39,7 @@ from facemarks import metrics
 from facemarks.atomic import atomic_path, atomic_write_json, atomic_write_text
 from facemarks.codec import HeatmapCodec, in_map, to_map
 from facemarks.model import LOSSES, STRIDE, HeatmapNet, build_model, heatmap_loss, outputs_to_heatmaps
+from facemarks.model import load_model  # noqa: F401 (moved to facemarks.model; facemarks.train.load_model still works)
 
 log = logging.getLogger("facemarks.train")
 
@@ -528,15 +529,6 @@ def write_outputs(result: FitResult, model_path: str | Path, metrics_path: str |
     for row in result.history:
         writer.writerow({k: row[k] for k in EPOCH_COLUMNS})
     atomic_write_text(epochs_csv, buf.getvalue())
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> HeatmapNet:
-    """Rebuild a :class:`HeatmapNet` from a ``model.pt`` state_dict (K and head width read from it), in eval mode."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    k, width = state["final.weight"].shape[:2]
-    model = HeatmapNet(num_keypoints=int(k), head_width=int(width))
-    model.load_state_dict(state)
-    return model.to(device).eval()
 
 
 def loss_figure(history: list[dict[str, float]], loss: str):

@@ -1,0 +1,228 @@
+"""Test-set scoring for the ``evaluate`` stage: every decoder in original px, the mean-shape and dlib rows, the
+heatmap round trip, the astronaut photo, face detection quality (``metrics/detect.json``) and the MLflow logging.
+
+Shapes: ``N`` test faces, ``K = 68``; heatmaps ``(N, K, h, w)``, points ``(N, K, 2)`` original px, transforms
+``(N, 3, 3)`` original px → crop px, boxes ``(N, 4)`` ``(left, top, width, height)`` px, per-face NME ``(N,)``.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from facemarks.inference import make_codec, predict_heatmaps, time_per_face
+from facemarks.model import STRIDE
+from facemarks.predict import predict_image
+
+def evaluate_decoders(heatmaps: np.ndarray, transform: np.ndarray, gt: np.ndarray, boxes: np.ndarray,
+                      visible: np.ndarray, sigma: float, threshold: float) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
+    """Decode heatmaps ``(N, K, h, w)`` with every decoder, map to original px through ``transform (N, 3, 3)``, score.
+
+    gt ``(N, K, 2)`` original px, boxes ``(N, 4)``, visible ``(N, K)``. Returns ``({decoder: metrics row}, {decoder:
+    points (N, K, 2) original px})``; each row is :func:`facemarks.metrics.face_metrics` (``per_face`` included).
+    """
+    from facemarks.codec import DECODERS
+    from facemarks.metrics import crop_to_original, face_metrics
+
+    codec = make_codec(heatmaps.shape[-1] * STRIDE, sigma)
+    rows, points = {}, {}
+    for name in DECODERS:
+        crop_pts, _ = codec.decode(heatmaps, name)
+        points[name] = crop_to_original(np.asarray(crop_pts, np.float64), transform)
+        rows[name] = face_metrics(points[name], gt, boxes, visible, threshold)
+    return rows, points
+
+
+def raw_sources(meta: dict[str, Any], boxes: np.ndarray, records: list) -> list[str]:
+    """The raw image file of each split sample ``(N,)``: ``meta["files"]`` when it has one entry per sample,
+    else the record holding a face whose box matches ``boxes[i] (4,)`` (within 1 px)."""
+    files = meta.get("files")
+    if isinstance(files, list) and len(files) == len(boxes):
+        return [str(f) for f in files]
+    out = []
+    for i, box in enumerate(np.asarray(boxes, np.float64)):
+        hits = [r.file for r in records for f in r.faces if np.abs(np.asarray(f.box, np.float64) - box).max() <= 1.0]
+        if not hits:
+            raise ValueError(f"test sample {i}: no face with box {box.tolist()} in the raw test XML")
+        out.append(hits[0])
+    return out
+
+
+def dlib_predictions(raw_dir: str, files: list[str], boxes: np.ndarray) -> tuple[np.ndarray, float]:
+    """dlib's 68-point predictor on the original images with the true boxes: points ``(N, K, 2)`` px, ms/face."""
+    from pathlib import Path
+
+    from facemarks.io import read_image
+    from facemarks.peers import Dlib68
+
+    predictor = Dlib68()
+    points, elapsed = [], 0.0
+    for file, box in zip(files, np.asarray(boxes, np.float64)):
+        image = read_image(Path(raw_dir) / file)
+        start = time.perf_counter()
+        points.append(np.asarray(predictor.predict(image, tuple(box)), np.float64))
+        elapsed += time.perf_counter() - start
+    return np.stack(points), 1000.0 * elapsed / max(len(files), 1)
+
+
+def astronaut(model: torch.nn.Module, loss: str, *, size: int, margin: float, sigma: float, decoder: str,
+              use_dlib: bool) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Our model (and dlib, when ``use_dlib``) on the face the cascade finds in scikit-image's astronaut photo.
+
+    Returns the JSON summary (``found``, ``box``, ``nme_vs_dlib`` in % of dlib's inter-ocular distance) and arrays
+    ``astro_box (4,)``, ``astro_ours (68, 2)``, ``astro_dlib (68, 2)`` px (NaN when dlib is not used).
+    """
+    from skimage.data import astronaut as load
+
+    from facemarks.metrics import nme, normaliser
+
+    image = load()
+    faces = predict_image(model, image, loss, size=size, margin=margin, sigma=sigma, decoder=decoder)
+    if not faces:
+        return {"found": False}, {}
+    face = faces[0]
+    theirs = np.full((68, 2), np.nan)
+    summary: dict[str, Any] = {"found": True, "loss": loss, "box": face["box"],
+                               "mean_confidence": float(np.mean(face["confidence"]))}
+    if use_dlib:
+        from facemarks.peers import Dlib68
+
+        theirs = np.asarray(Dlib68().predict(image, tuple(face["box"])), np.float64)
+        norm = normaliser(theirs[None], "io")
+        summary["nme_vs_dlib"] = 100 * float(nme(face["points"][None], theirs[None], norm)[0])
+    return summary, {"astro_box": np.asarray(face["box"]), "astro_ours": face["points"], "astro_dlib": theirs}
+
+
+def train_run_id(loss: str, metrics_dir: str = "metrics", experiment: str | None = None) -> str | None:
+    """The MLflow run of ``train@<loss>``: the ``run_id`` in ``metrics/train_<loss>.json`` when the store has it,
+    else the latest run tagged ``loss = <loss>`` and ``dvc.stage = train``; None if neither exists."""
+    import json
+    from pathlib import Path
+
+    import mlflow
+
+    from facemarks.tracking import tracking_uri
+
+    client = mlflow.MlflowClient(tracking_uri())
+    path = Path(metrics_dir) / f"train_{loss}.json"
+    if path.is_file():
+        rid = json.loads(path.read_text(encoding="utf-8")).get("run_id")
+        if rid:
+            try:
+                return client.get_run(rid).info.run_id
+            except mlflow.exceptions.MlflowException:
+                pass
+    exps = [e.experiment_id for e in client.search_experiments() if experiment in (None, e.name)]
+    runs = client.search_runs(exps, f"tags.loss = '{loss}' and tags.`dvc.stage` LIKE 'train%'",
+                              order_by=["attributes.start_time DESC"], max_results=1) if exps else []
+    return runs[0].info.run_id if runs else None
+
+
+def _public(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k != "per_face"}
+
+
+def evaluate_loss(model: torch.nn.Module, split: Any, loss: str, sigma: float, threshold: float, batch_size: int = 64,
+                  speed_faces: int = 32, device: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Score one trained model on a split (every decoder, original px) and time it.
+
+    ``split`` is a :class:`facemarks.store.Split`. Returns the ``eval.json`` entry ``{decoder: row, "best_decoder",
+    "ms_per_face_b1", "ms_per_face_batched"}`` and arrays for the best decoder: ``points (N, K, 2)`` original px,
+    ``crop_points (N, K, 2)``, ``conf (N, K)``, ``nme (N,)`` inter-ocular fraction, and ``nme_<decoder> (N,)`` for
+    every decoder (the paired comparison, :func:`facemarks.stats.loss_comparison`).
+    """
+    images = np.asarray(split.images)
+    gt = np.asarray(split.orig_points, np.float64)
+    heat = predict_heatmaps(model, images, loss, batch_size, device)
+    rows, points = evaluate_decoders(heat, np.asarray(split.transform), gt, np.asarray(split.boxes),
+                                     np.isfinite(gt).all(-1), sigma, threshold)
+    best = min(rows, key=lambda d: rows[d]["nme_io"])
+    crop_pts, conf = make_codec(images.shape[-1], sigma).decode(heat, best)
+    timed = images[:speed_faces]
+    entry: dict[str, Any] = {name: _public(row) for name, row in rows.items()}
+    entry.update(best_decoder=best, nme_io=rows[best]["nme_io"], auc=rows[best]["auc"], fr=rows[best]["fr"],
+                 ms_per_face_b1=time_per_face(model, timed, loss, sigma, best, 1, device),
+                 ms_per_face_batched=time_per_face(model, timed, loss, sigma, best, batch_size, device))
+    arrays = {"points": points[best], "crop_points": np.asarray(crop_pts, np.float64),
+              "conf": np.asarray(conf, np.float32), "nme": rows[best]["per_face"],
+              **{f"nme_{name}": row["per_face"] for name, row in rows.items()}}  # per decoder, for the comparison
+    return entry, arrays
+
+
+def baseline_rows(train_split: Any, test_split: Any, threshold: float) -> tuple[dict[str, Any], np.ndarray]:
+    """Mean-shape baseline: the mean training crop shape placed on every test crop; row and per-face NME ``(N,)``."""
+    from facemarks.metrics import face_metrics, mean_shape, mean_shape_predictions
+
+    shape = mean_shape(np.asarray(train_split.points), np.asarray(train_split.visible))
+    gt = np.asarray(test_split.orig_points, np.float64)
+    pred = mean_shape_predictions(shape, np.asarray(test_split.transform))
+    row = face_metrics(pred, gt, np.asarray(test_split.boxes), np.isfinite(gt).all(-1), threshold)
+    return _public(row), row["per_face"]
+
+
+def roundtrip_summary(split: Any, sigma: float) -> dict[str, float]:
+    """Round-trip error (input px) of the split's own targets, float32 maps, every decoder: ``{decoder: mean}``
+    plus ``subpixel_p99`` / ``subpixel_max``."""
+    from facemarks.codec import roundtrip_table
+
+    size = int(np.asarray(split.images).shape[-1])
+    table = roundtrip_table(np.asarray(split.points), np.asarray(split.visible), make_codec(size, sigma),
+                            dtypes=("float32",))
+    rows = table["dtypes"]["float32"]
+    out = {name: rows[name]["input_px"]["mean"] for name in rows}
+    out.update(subpixel_p99=rows["subpixel"]["input_px"]["p99"], subpixel_max=rows["subpixel"]["input_px"]["max"])
+    return out
+
+
+def dlib_row(split: Any, raw_dir: str, threshold: float) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """The ``dlib68`` evaluation row on a split's original images (``raw_dir/test.xml`` resolves files when the split
+    meta lacks them): row (with ``ms_per_face``), points ``(N, K, 2)`` original px, per-face NME ``(N,)``."""
+    from pathlib import Path
+
+    from facemarks.metrics import face_metrics
+
+    boxes = np.asarray(split.boxes, np.float64)
+    records = []
+    if len(split.meta.get("files", [])) != len(boxes):
+        from facemarks.io import read_dlib_xml
+
+        records = read_dlib_xml(Path(raw_dir) / "test.xml")
+    points, ms = dlib_predictions(raw_dir, raw_sources(split.meta, boxes, records), boxes)
+    gt = np.asarray(split.orig_points, np.float64)
+    row = face_metrics(points, gt, boxes, np.isfinite(gt).all(-1), threshold)
+    per_face = row.pop("per_face")
+    return {**row, "ms_per_face": ms}, points, per_face
+
+
+def log_eval_mlflow(report: dict[str, Any], losses: tuple[str, ...] = ("mse", "bce")) -> None:
+    """Every number into an ``evaluate`` run (tags ``winner`` — ``none`` when the interval includes 0 —, ``verdict``,
+    ``<loss>_run``; the ``comparison`` block also as ``comparison.json``); ``test_*`` metrics into each loss's train run
+    (:func:`train_run_id`), tagged ``evaluate_run`` = that run's id: the two train runs scored together (the pairs
+    that ``facemarks compare`` and the study report use)."""
+    import mlflow
+
+    from facemarks.codec import DECODERS
+    from facemarks.tracking import numeric_leaves, start_run
+
+    rids = {loss: train_run_id(loss) for loss in losses}  # a fresh `<loss>-eval` run only when the train run is gone
+    comparison = report.get("comparison", {})
+    tags = {"winner": report["winner"] or "none", **{f"{loss}_run": rid for loss, rid in rids.items() if rid}}
+    if comparison:
+        tags["verdict"] = comparison["verdict"]
+    with start_run("evaluate", "evaluate", tags=tags) as evaluate_run:
+        mlflow.log_metrics(numeric_leaves(report))
+        if comparison:
+            mlflow.log_dict(comparison, "comparison.json")
+    for loss in losses:
+        r = report[loss]
+        metrics = {"test_nme": r["nme_io"], "test_nme_ip": r[r["best_decoder"]]["nme_ip"], "test_auc": r["auc"],
+                   "test_fr": r["fr"], "test_roundtrip_px": report["roundtrip"][r["best_decoder"]],
+                   "test_ms_per_face_b1": r["ms_per_face_b1"], "test_ms_per_face_batched": r["ms_per_face_batched"],
+                   **{f"test_nme_{region}": v for region, v in r[r["best_decoder"]]["regions"].items()},
+                   **{f"test_nme_{name}": r[name]["nme_io"] for name in DECODERS}}
+        with start_run("evaluate", f"{loss}-eval", run_id=rids[loss],
+                       tags={"loss": loss, "evaluate_run": evaluate_run.info.run_id}):
+            mlflow.log_metrics(metrics)
+            mlflow.set_tag("test_best_decoder", r["best_decoder"])

@@ -1,0 +1,125 @@
+"""Whole-image prediction: find the faces (:mod:`facemarks.detect`), crop each, predict 68 points, map them back.
+
+Also which trained model ``facemarks predict`` uses (:func:`choose_model`): the ``winner`` of ``metrics/eval.json``
+unless told otherwise. Kept light on purpose: this is the path of ``facemarks predict``, so nothing here imports
+MLflow, DVC, matplotlib or the training loop (``tests/test_predict.py`` checks it in a fresh interpreter).
+
+Shapes: ``F`` faces in one image, ``K = 68``; points ``(F, K, 2)`` image px (pixel centres at integer coordinates),
+confidence ``(F, K)``; boxes ``(left, top, width, height)`` px in the training-box convention.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from facemarks.detect import Detection, detect
+from facemarks.inference import predict_crops
+from facemarks.model import LOSSES
+
+DEFAULT_LOSS = "mse"  # used when metrics/eval.json names no winner
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """The model file ``predict`` loads, the ``loss`` it was trained with, and ``why`` (one line)."""
+
+    path: Path
+    loss: str
+    why: str
+
+
+def choose_model(loss: str | None = None, model: str | Path | None = None, eval_json: str | Path = "metrics/eval.json",
+                 models_dir: str | Path = "models") -> ModelChoice:
+    """Which model to predict with.
+
+    ``--model`` and/or ``--loss`` win when given (``--model`` alone: the loss is its folder name, as in
+    ``models/<loss>/model.pt``; else ``ValueError``). Otherwise ``models/<winner>/model.pt`` with the ``winner`` of
+    ``eval_json``; when that is null (no conclusive winner), absent, or the file is missing: ``models/mse``.
+    """
+    if model is not None:
+        path = Path(model)
+        if loss is None:
+            if path.parent.name not in LOSSES:
+                raise ValueError(f"--model {path}: cannot tell which loss it was trained with from its folder; "
+                                 f"pass --loss {{{','.join(LOSSES)}}}")
+            return ModelChoice(path, path.parent.name, f"--model (loss {path.parent.name} from its folder name)")
+        return ModelChoice(path, loss, "--model and --loss given")
+    if loss is not None:
+        return ModelChoice(Path(models_dir) / loss / "model.pt", loss, "--loss given")
+    path = Path(eval_json)
+    if not path.is_file():
+        why = f"no {path} (evaluate has not run): {DEFAULT_LOSS} by default"
+        return ModelChoice(Path(models_dir) / DEFAULT_LOSS / "model.pt", DEFAULT_LOSS, why)
+    report = json.loads(path.read_text(encoding="utf-8"))
+    winner = report.get("winner")
+    if winner in LOSSES:
+        why = f"winner in {path}"
+        margin = report.get("winner_margin_nme")
+        if isinstance(margin, (int, float)):
+            why += f" (lower test NME by {margin:.2f} points)"
+        return ModelChoice(Path(models_dir) / winner / "model.pt", winner, why)
+    why = (f"{path} names no winner (not conclusive): {DEFAULT_LOSS} by default" if "winner" in report and winner is None
+           else f"{path} has no valid winner ({winner!r}): {DEFAULT_LOSS} by default")
+    return ModelChoice(Path(models_dir) / DEFAULT_LOSS / "model.pt", DEFAULT_LOSS, why)
+
+
+def best_decoder(loss: str, default: str, eval_json: str | Path = "metrics/eval.json") -> str:
+    """The ``best_decoder`` of ``loss`` in ``eval_json``, else ``default``."""
+    path = Path(eval_json)
+    if path.is_file():
+        entry = json.loads(path.read_text(encoding="utf-8")).get(loss)
+        if isinstance(entry, dict) and isinstance(entry.get("best_decoder"), str):
+            return entry["best_decoder"]
+    return default
+
+
+def predict_boxes(model: torch.nn.Module, image: np.ndarray, boxes: Sequence[Sequence[float]], loss: str, *, size: int,
+                  margin: float = 0.25, sigma: float = 1.5, decoder: str = "subpixel",
+                  device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """The faces in ``boxes`` ``(F, 4)`` of ``image`` (H, W[, 3]) uint8 → points ``(F, K, 2)`` image px, confidence
+    ``(F, K)``: each face cropped with :func:`facemarks.augment.face_crop` at ``size`` with ``margin``, predicted in
+    one batch, points mapped back with :func:`facemarks.augment.invert_points`."""
+    from facemarks.augment import face_crop, invert_points
+
+    if len(boxes) == 0:
+        return np.zeros((0, 68, 2)), np.zeros((0, 68), np.float32)
+    crops, transforms = zip(*(face_crop(image, tuple(float(v) for v in b), size, margin) for b in boxes))
+    points, conf, _ = predict_crops(model, np.stack(crops), loss, sigma, decoder, len(crops), device)
+    return np.asarray(invert_points(points, np.stack(transforms)), np.float64), conf
+
+
+def predict_image(model: torch.nn.Module, image: np.ndarray, loss: str, box: tuple | None = None, *, size: int,
+                  margin: float = 0.25, sigma: float = 1.5, decoder: str = "subpixel",
+                  device: str | torch.device = "cpu", detector: str = "auto") -> list[dict[str, Any]]:
+    """Predict every face of an image (or the one in ``box``): ``[{"box", "points" (K, 2) image px, "confidence"
+    (K,), "detector", "score", "detector_box"}]``, best detection first; ``[]`` when no face is found.
+
+    Faces come from :func:`facemarks.detect.detect` with ``detector`` (boxes mapped to the training convention);
+    a given ``box`` is used as-is (``detector`` ``"given"``, ``score`` None).
+    """
+    if box is not None:
+        b = tuple(float(v) for v in box)
+        found = [Detection(b, None, "given", b)]  # type: ignore[arg-type]
+    else:
+        found = detect(image, detector)
+    points, conf = predict_boxes(model, image, [d.box for d in found], loss, size=size, margin=margin, sigma=sigma,
+                                 decoder=decoder, device=device)
+    return [{"box": [float(v) for v in d.box], "points": points[i], "confidence": conf[i], "detector": d.detector,
+             "score": d.score, "detector_box": [float(v) for v in d.raw_box]} for i, d in enumerate(found)]
+
+
+def face_to_json(face: dict[str, Any]) -> dict[str, Any]:
+    """A :func:`predict_image` face as plain JSON types (points as ``[[x, y], ...]`` image px)."""
+    out = {"box": [round(float(v), 2) for v in face["box"]],
+           "points": np.round(np.asarray(face["points"], np.float64), 3).tolist(),
+           "confidence": np.round(np.asarray(face["confidence"], np.float64), 4).tolist()}
+    if "detector" in face:
+        score = face.get("score")
+        out.update(detector=face["detector"], score=None if score is None else round(float(score), 4),
+                   detector_box=[round(float(v), 2) for v in face.get("detector_box", face["box"])])
+    return out
