@@ -10,6 +10,10 @@ On a flip, ``x' = S - 1 - x`` and the points are permuted with :data:`facemarks.
 36 stays the subject's right outer eye corner. ``orig_points`` of a flipped sample are permuted the same way,
 so ``invert_points(points, T) == orig_points``.
 
+Domain randomisation (augmented copies only): per face a random colour cast of the gray conversion (RGB weights),
+per sample low resolution + re-upscaling, motion blur, sharpening, noise and JPEG re-encoding, so that the model
+cannot lean on the clean rendering of the synthetic faces (:func:`photometric`).
+
 Randomness: each sample draws from ``np.random.SeedSequence((seed, split_id, face_index, copy))``; outputs
 are byte-identical for any number of workers.
 
@@ -27,10 +31,14 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import io as _bytes_io
+
 import numpy as np
-from skimage.draw import disk
+from PIL import Image
+from scipy import ndimage
+from skimage.draw import disk, line_aa
 from skimage.filters import gaussian
-from skimage.transform import ProjectiveTransform, warp
+from skimage.transform import ProjectiveTransform, resize, warp
 
 from facemarks.atomic import atomic_dir
 from facemarks.io import DataError, ImageRecord, read_dlib_xml, read_image, write_image
@@ -109,11 +117,11 @@ def in_crop(points: np.ndarray, size: int) -> np.ndarray:
         return np.isfinite(p).all(-1) & ((p >= -0.5) & (p <= size - 0.5)).all(-1)
 
 
-def _gray_float(image: np.ndarray) -> np.ndarray:
-    """``(H, W)`` or ``(H, W, 3)`` uint8 → ``(H, W)`` float32 in ``[0, 255]``."""
+def _gray_float(image: np.ndarray, weights: np.ndarray = _LUMA) -> np.ndarray:
+    """``(H, W)`` or ``(H, W, 3)`` uint8 → ``(H, W)`` float32 in ``[0, 255]`` (RGB ``weights``, default luma)."""
     if image.ndim == 2:
         return image.astype(np.float32)
-    return image[..., :3].astype(np.float32) @ _LUMA
+    return image[..., :3].astype(np.float32) @ np.asarray(weights, np.float32)
 
 
 def antialias_sigma(T: np.ndarray) -> float:
@@ -123,7 +131,7 @@ def antialias_sigma(T: np.ndarray) -> float:
     return max(0.0, (1.0 / k - 1.0) / 2.0)
 
 
-def _source(image: np.ndarray, transforms: list[np.ndarray], size: int, sigma: float):
+def _source(image: np.ndarray, transforms: list[np.ndarray], size: int, sigma: float, weights: np.ndarray = _LUMA):
     """The part of ``image`` that the crops of ``transforms`` see, as float gray, low-passed with ``sigma``.
 
     Returns ``(sub (h, w) float64, x0, y0)`` (``sub`` starts at pixel ``(x0, y0)``), or None when no crop
@@ -140,7 +148,7 @@ def _source(image: np.ndarray, transforms: list[np.ndarray], size: int, sigma: f
     y1 = min(int(math.ceil(corners[:, 1].max())) + pad + 1, hgt)
     if x1 <= x0 or y1 <= y0:
         return None
-    sub = _gray_float(image[y0:y1, x0:x1])
+    sub = _gray_float(image[y0:y1, x0:x1], weights)
     if sigma > 0:
         sub = gaussian(sub, sigma=sigma, mode="nearest", preserve_range=True)
     return sub.astype(np.float64, copy=False), x0, y0
@@ -203,9 +211,44 @@ def photometric(img: np.ndarray, rng: np.random.Generator, cfg: Augment) -> np.n
     img = np.float32(255.0) * (img / np.float32(255.0)) ** np.float32(max(g, 1e-3))
     if rng.random() < cfg.blur_prob and cfg.blur_sigma > 0:
         img = gaussian(img, sigma=rng.uniform(0.25, 1.0) * cfg.blur_sigma, mode="nearest", preserve_range=True)
+    if rng.random() < cfg.lowres_prob and cfg.lowres_factor > 1:  # a small face in a photo, upscaled
+        side = img.shape[0]
+        small = max(4, int(round(side / rng.uniform(min(1.5, cfg.lowres_factor), cfg.lowres_factor))))
+        img = resize(resize(img, (small, small), order=1, anti_aliasing=True, preserve_range=True), (side, side),
+                     order=1, preserve_range=True)
+    if rng.random() < cfg.motion_blur_prob:
+        img = ndimage.convolve(img, motion_kernel(rng.uniform(2.0, 5.0), rng.uniform(0, np.pi)), mode="nearest")
+    if rng.random() < cfg.sharpen_prob:  # unsharp masking, as camera pipelines do
+        img = img + rng.uniform(0.3, 1.5) * (img - gaussian(img, sigma=1.0, mode="nearest", preserve_range=True))
     if cfg.noise_std > 0:
         img = img + rng.standard_normal(img.shape, dtype=np.float32) * np.float32(cfg.noise_std)
+    if rng.random() < cfg.jpeg_prob:
+        img = jpeg_roundtrip(img, int(rng.integers(cfg.jpeg_quality, max(cfg.jpeg_quality, 90) + 1)))
     return img
+
+
+def motion_kernel(length: float, angle: float) -> np.ndarray:
+    """Normalised anti-aliased line kernel ``(k, k)`` of ``length`` px at ``angle`` rad (linear motion blur)."""
+    r = int(math.ceil(length / 2))
+    dx, dy = 0.5 * length * math.cos(angle), 0.5 * length * math.sin(angle)
+    k = np.zeros((2 * r + 1, 2 * r + 1), np.float32)
+    rr, cc, val = line_aa(int(round(r - dy)), int(round(r - dx)), int(round(r + dy)), int(round(r + dx)))
+    k[rr, cc] = np.maximum(k[rr, cc], val)
+    return k / k.sum()
+
+
+def jpeg_roundtrip(img: np.ndarray, quality: int) -> np.ndarray:
+    """Encode a float gray image ``(S, S)`` as JPEG at ``quality`` and decode it (float32, [0, 255])."""
+    buf = _bytes_io.BytesIO()
+    Image.fromarray(_to_uint8(img), mode="L").save(buf, format="JPEG", quality=int(quality))
+    buf.seek(0)
+    return np.asarray(Image.open(buf), np.float32)
+
+
+def colour_cast_weights(rng: np.random.Generator, strength: float) -> np.ndarray:
+    """RGB → gray weights ``(3,)`` (sum 1): luma with each channel scaled by ``1 ± strength`` (white balance, film)."""
+    w = _LUMA * rng.uniform(1 - strength, 1 + strength, 3).astype(np.float32)
+    return w / w.sum()
 
 
 # ----------------------------------------------------------------------------------------------- samples
@@ -223,9 +266,13 @@ def make_samples(image: np.ndarray, box: tuple[float, float, float, float], poin
     transforms = [base if g is None else augment_matrix(cfg.size, g["angle"], g["scale"], g["shift"], g["flip"]) @ base
                   for g in geos]
     src = _source(image, transforms, cfg.size, antialias_sigma(base))
+    style = next((r for r in rngs if r is not None), None)  # per-face style from the first augmented copy's stream
+    src_cast = src
+    if style is not None and cfg.colour_cast > 0 and np.ndim(image) == 3:
+        src_cast = _source(image, transforms, cfg.size, antialias_sigma(base), colour_cast_weights(style, cfg.colour_cast))
     out = []
     for rng, geo, T in zip(rngs, geos, transforms):
-        img = _warp_source(src, T, cfg.size)
+        img = _warp_source(src if rng is None else src_cast, T, cfg.size)
         if rng is not None:
             img = photometric(img, rng, cfg)
         flip = bool(geo and geo["flip"])

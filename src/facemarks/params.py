@@ -32,8 +32,9 @@ def _p(default: Any, lo: float | None = None, hi: float | None = None, *, choice
 # ----------------------------------------------------------------------------------------------- sections
 @dataclass(frozen=True)
 class Base:
-    seed: int = _p(0, 0, 2**31 - 1, doc="global seed")
+    seed: int = _p(0, 0, 2**31 - 1, doc="data seed: faces, augmentation, splits (training: train.seed)")
     experiment: str = _p("facemarks", pattern=r"^[\w.\- ]+$", doc="MLflow experiment name")
+    study: str = _p("", pattern=r"^[A-Za-z0-9_.-]*$", doc="MLflow tag study=<name> on every run (empty: none)")
 
 
 @dataclass(frozen=True)
@@ -42,12 +43,18 @@ class Synthetic:
     n_test: int = _p(300, 1, 1_000_000)
     min_size: int = _p(160, 32, 4096)
     max_size: int = _p(400, 32, 4096)
-    max_yaw: float = _p(40.0, 0, 89)
+    max_yaw: float = _p(60.0, 0, 89)
     max_pitch: float = _p(20.0, 0, 89)
     max_roll: float = _p(30.0, 0, 180)
     occluder_prob: float = _p(0.2, 0, 1)
     blur_prob: float = _p(0.2, 0, 1)
     noise_std: float = _p(4.0, 0, 64)
+    glasses_prob: float = _p(0.15, 0, 1, doc="eyeglasses over the eyes (points stay labelled)")
+    hand_prob: float = _p(0.08, 0, 1, doc="a hand over the chin, mouth or cheek (points stay labelled)")
+    strand_prob: float = _p(0.3, 0, 1, doc="hair strands / fringe over the forehead, brows and temples")
+    ears: bool = _p(True, doc="ears beside the jaw (hidden by long hair)")
+    photo_texture: float = _p(0.08, 0, 1, doc="max strength of a bundled photo blended into skin (0: flat skin)")
+    feature_contrast_min: float = _p(0.35, 0, 1, doc="lowest per-face strength of brows, lashes, lips (1: always full)")
     workers: int = _p(2, 1, 64)
 
 
@@ -91,6 +98,13 @@ class Augment:
     blur_prob: float = _p(0.2, 0, 1)
     blur_sigma: float = _p(1.0, 0, 10)
     noise_std: float = _p(3.0, 0, 64)
+    jpeg_prob: float = _p(0.3, 0, 1, doc="domain randomisation: JPEG re-encoding of the crop")
+    jpeg_quality: int = _p(20, 1, 95, doc="lowest JPEG quality (drawn up to 90)")
+    motion_blur_prob: float = _p(0.15, 0, 1, doc="linear motion blur, 2-5 px at a random angle")
+    lowres_prob: float = _p(0.2, 0, 1, doc="downscale by 1.5-lowres_factor, then upscale back")
+    lowres_factor: float = _p(3.0, 1, 8)
+    colour_cast: float = _p(0.3, 0, 1, doc="per-face random RGB weights of the gray conversion (augmented copies)")
+    sharpen_prob: float = _p(0.1, 0, 1, doc="unsharp masking (camera-style sharpening)")
     workers: int = _p(2, 1, 64)
 
 
@@ -121,6 +135,7 @@ class Train:
     device: str = _p("auto", choices=("auto", "cpu", "cuda"))
     workers: int = _p(0, 0, 64)
     amp: bool = _p(True, doc="bf16 autocast on CUDA (ignored on CPU)")
+    seed: int = _p(0, 0, 2**31 - 1, doc="weight init, data order, dropout (data: base.seed)")
 
 
 @dataclass(frozen=True)
@@ -129,6 +144,7 @@ class Evaluate:
     batch_size: int = _p(64, 1, 65536)
     speed_faces: int = _p(32, 1, 100000, doc="faces timed for the ms/face speed rows")
     peers: bool = _p(True, doc="add the dlib68 row when the peers extra is installed")
+    detect_images: int = _p(300, 1, 1_000_000, doc="test images scored for face detection (metrics/detect.json)")
 
 
 @dataclass(frozen=True)

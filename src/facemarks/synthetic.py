@@ -3,9 +3,12 @@
 A 3-D landmark template (a 300-W-like mean shape with per-point depth) gets a random identity,
 expression and pose, is projected with a perspective camera (the far side compresses; the jaw points
 follow the head's silhouette like 300-W contour points), and the face is painted from the projected
-points: soft Lambert-shaded skin, hair, neck, eyes (sclera, iris, pupil, lash line), brows, nose
-shading and nostrils, lips and mouth, over a crop of one of scikit-image's bundled pictures, then
-partial occluders, blur and noise.
+points: Lambert-shaded skin with a random light direction and shading contrast, photographic texture blended
+into the skin, hair, a neck in the face's own skin tone (so the jaw is found from shading, as in photos), ears,
+eyes (sclera, iris, pupil, lash line), brows, nose shading and nostrils, lips, mouth and teeth, each feature at a
+random per-face strength, over a crop of one of scikit-image's bundled pictures; then eyeglasses, hair strands,
+a hand and other partial occluders (the points stay labelled, as 300-W labels occluded points), blur and noise.
+The realism choices and what each one measured are in the README ("Realism of the synthetic faces").
 
 Coordinates are pixels with pixel centres at integer coordinates (``docs/design.md``).
 Shape legend: ``K = 68`` landmarks; ``points (K, 2)`` ``(x, y)``; images ``(H, W, 3)`` uint8.
@@ -126,11 +129,13 @@ def _identity_expression(rng: np.random.Generator) -> tuple[np.ndarray, dict]:
     # expression
     brow_raise = rng.uniform(-0.02, 0.05) if rng.random() < 0.5 else 0.0
     p[brows, 1] -= brow_raise
-    smile = rng.uniform(0, 0.04) if rng.random() < 0.4 else 0.0
+    smile = rng.uniform(0, 0.08) if rng.random() < 0.5 else 0.0  # up to a broad, open smile
     for i, s in ((48, -1), (54, 1), (60, -1), (64, 1)):
         p[i, 1] -= smile
-        p[i, 0] += s * smile * 0.7
-    opening = rng.uniform(0.01, 0.14) if rng.random() < 0.35 else 0.0
+        p[i, 0] += s * smile * 1.1
+    p[[49, 53], 0] += np.array([-1, 1]) * smile * 0.5
+    p[[55, 56, 57, 58, 59], 1] += smile * np.array([0.3, 0.7, 0.8, 0.7, 0.3])  # the lower lip bows down
+    opening = rng.uniform(0.01, 0.14) if rng.random() < (0.35 + 4 * smile) else 0.0
     lower = np.array([55, 56, 57, 58, 59, 65, 66, 67])
     p[lower, 1] += opening * np.array([0.6, 0.9, 1, 0.9, 0.6, 0.9, 1, 0.9])
     p[jaw[4:13], 1] += opening * 0.6 * np.sin(np.pi * np.arange(1, 10) / 10)
@@ -359,8 +364,17 @@ def _pose_geometry(rng: np.random.Generator, cfg: Synthetic):
     neck3 = [np.column_stack([0.28 * np.cos(ang), np.full(16, y), -0.35 + 0.25 * np.sin(ang)]) for y in (0.3, 1.6)]
     neck_poly = _hull(_project(np.vstack(neck3) @ rot.T, dist))
     head_centre = _project(np.array([[0, 0.05, -0.35]]) @ rot.T, dist)[0]
-    return {"points": pts, "hair": hair_poly, "forehead": forehead, "neck": neck_poly,
-            "centre": head_centre, "yaw": yaw, "pitch": pitch, "roll": roll, "expr": expr}
+    ears = []
+    t = np.linspace(0, 2 * np.pi, 14, endpoint=False)
+    for side in (-1.0, 1.0):  # an ear beside jaw points 0-3 / 13-16, in a plane facing sideways
+        if -np.sin(np.radians(yaw)) * side < -0.35:  # the far ear of a strongly turned head is hidden
+            continue
+        jaw_top = p[0] if side < 0 else p[16]
+        c = np.array([jaw_top[0] + side * 0.02, jaw_top[1] + 0.07, jaw_top[2] - 0.08])
+        e3 = c + np.column_stack([side * 0.03 * (1 + np.cos(t)), 0.14 * np.sin(t), 0.07 * np.cos(t)])
+        ears.append(_project(e3 @ rot.T, dist))
+    return {"points": pts, "hair": hair_poly, "forehead": forehead, "neck": neck_poly, "ears": ears,
+            "centre": head_centre, "yaw": yaw, "pitch": pitch, "roll": roll, "expr": expr, "short_hair": hair_len < 0}
 
 
 def face_box(points: np.ndarray) -> tuple[float, float, float, float]:
@@ -373,29 +387,45 @@ def face_box(points: np.ndarray) -> tuple[float, float, float, float]:
     return (float(round(cx - side / 2)), float(round(cy - side / 2)), float(side), float(side))
 
 
-def _paint_face(rng: np.random.Generator, cv: _Canvas, g: dict, unit: float) -> None:
+def _paint_face(rng: np.random.Generator, cv: _Canvas, g: dict, unit: float, cfg: Synthetic) -> None:
     """Paint head, skin, features from the projected geometry ``g`` (pixels; ``unit`` px per template unit)."""
     pts = g["points"]
     skin = SKIN_TONES[rng.integers(len(SKIN_TONES))] * rng.uniform(0.9, 1.08, 3).astype(np.float32)
     skin = np.clip(skin, 0, 1)
     hair = HAIR_COLOURS[rng.integers(len(HAIR_COLOURS))] * rng.uniform(0.8, 1.2)
-    light = np.array([rng.uniform(-0.8, 0.8), rng.uniform(-0.9, 0.4), 1.0])
+    light = np.array([rng.uniform(-0.9, 0.9), rng.uniform(-0.9, 0.4), rng.uniform(0.5, 1.0)])
     light /= np.linalg.norm(light)
     soft = max(0.5, unit * 0.004)
+    fw = np.linalg.norm(pts[16] - pts[0]) + 1e-6
 
-    if rng.random() < 0.9:  # neck, then hair behind the head
-        cv.blend(cv.poly_mask(g["neck"], soft * 2), skin * 0.72)
-        fw = np.linalg.norm(pts[16] - pts[0]) + 1e-6  # shadow cast by the jaw onto the neck
+    if rng.random() < 0.8:  # shoulders and clothing (a textured, tinted bundled picture) below the neck
+        c8, down = pts[8], np.array([0.0, 1.0])
+        top = c8[1] + rng.uniform(0.45, 0.8) * fw
+        wide = rng.uniform(1.2, 1.8) * fw
+        torso = np.array([[c8[0] - 0.35 * fw, top], [c8[0] + 0.35 * fw, top], [c8[0] + wide, top + 0.45 * fw],
+                          [c8[0] + wide * 1.1, top + 3 * fw], [c8[0] - wide * 1.1, top + 3 * fw],
+                          [c8[0] - wide, top + 0.45 * fw]])
+        tm = cv.poly_mask(_catmull(torso, closed=True, k=3), soft * 2)
+        if tm is not None:
+            cloth = _background(rng, *tm[0].shape) * rng.uniform(0.2, 1.1, 3).astype(np.float32)
+            cv.blend(tm, cloth)
+    if rng.random() < 0.9:  # neck in the face's own tone (photos: the jaw is a shading edge, not a colour edge)
+        cv.blend(cv.poly_mask(g["neck"], soft * 2), skin * rng.uniform(0.72, 0.98))
         chin = _catmull(pts[3:14], closed=False, k=3) + (pts[8] - (pts[0] + pts[16]) / 2) * 0.08
-        cv.multiply(cv.stroke_mask(chin, 0.12 * fw, soft + 0.03 * fw), 0.55)
+        cv.multiply(cv.stroke_mask(chin, 0.12 * fw, soft + rng.uniform(0.03, 0.08) * fw), rng.uniform(0.45, 0.9))
+    ears = g["ears"] if cfg.ears else []
+    if not g["short_hair"]:
+        _paint_ears(cv, ears, skin, soft)
     bald = rng.random() < 0.1
     if not bald:
         hm = cv.poly_mask(g["hair"], soft * 1.5)
         if hm is not None:
             tex = 1 + 0.15 * _smooth_noise(rng, hm[0].shape, max(1.0, unit * 0.01))
             cv.blend(hm, hair[None, None, :] * tex[..., None])
+    if g["short_hair"]:
+        _paint_ears(cv, ears, skin, soft)
     face_poly = np.vstack([_catmull(pts[:17], closed=False, k=4), g["forehead"]])
-    fm = cv.poly_mask(face_poly, soft * 1.2)
+    fm = cv.poly_mask(face_poly, soft * rng.uniform(1.2, 3.0))
     if fm is None:
         return
     # Lambert shading on an ellipsoid fitted to the face
@@ -409,14 +439,110 @@ def _paint_face(rng: np.random.Generator, cv: _Canvas, g: dict, unit: float) -> 
     nz = np.sqrt(np.clip(1 - r2, 0.0, 1.0))
     lam = np.clip((u * np.float32(light[0]) + v * np.float32(light[1]) + nz * np.float32(light[2]))
                   / np.sqrt(np.maximum(r2, 1.0)), 0, 1)
-    shade = 0.45 + 0.65 * lam
+    low = rng.uniform(0.3, 0.75)  # shading contrast: flat frontal light .. hard side light
+    shade = low + (1.1 - low) * lam
     tex = 1 + 0.04 * _smooth_noise(rng, m.shape, max(1.0, unit * 0.02)) + 0.02 * rng.standard_normal(m.shape, dtype=np.float32)
+    if cfg.photo_texture > 0:  # photographic structure in the skin (pores, shadows, highlights of a real picture)
+        photo = _background(rng, *m.shape) @ np.float32([0.3, 0.59, 0.11])
+        photo -= photo.mean()
+        tex += np.float32(rng.uniform(0, cfg.photo_texture)) * photo / np.float32(photo.std() + 1e-3)
     cv.blend(fm, skin[None, None, :] * (shade * tex)[..., None].astype(np.float32))
-    _paint_features(rng, cv, pts, unit, skin, hair, light, soft, g["yaw"])
+    strength = rng.uniform(cfg.feature_contrast_min, 1.0)
+    _paint_features(rng, cv, pts, unit, skin, hair, light, soft, g["yaw"], strength)
+    if rng.random() < cfg.strand_prob:
+        _strands(rng, cv, pts, g["forehead"], hair, soft, fw)
+    if rng.random() < cfg.glasses_prob:
+        _glasses(rng, cv, pts, soft)
+    if rng.random() < cfg.hand_prob:
+        _hand(rng, cv, pts, skin, soft, fw)
 
 
-def _paint_features(rng, cv: _Canvas, pts, unit, skin, hair, light, soft, yaw: float) -> None:
-    """Eyes, brows, nose, mouth and shading details, each from its landmarks."""
+def _paint_ears(cv: _Canvas, ears: list[np.ndarray], skin: np.ndarray, soft: float) -> None:
+    """Ears: a skin-toned outline with a shaded rim (painted before the face, which covers their inner part)."""
+    for ear in ears:
+        cv.blend(cv.poly_mask(_catmull(ear, closed=True, k=3), soft * 1.2), skin * 0.9)
+        cv.multiply(cv.stroke_mask(_catmull(ear, closed=True, k=3), max(1.0, 0.15 * np.ptp(ear[:, 1]) / 2), soft * 2),
+                    0.8)
+
+
+def _strands(rng, cv: _Canvas, pts: np.ndarray, hairline: np.ndarray, hair: np.ndarray, soft: float, fw: float) -> None:
+    """Hair over the face: a fringe over the forehead (sometimes down to the brows) and loose strands."""
+    if rng.random() < 0.5:  # fringe: from the hairline arc down toward the brows, with a wavy lower edge
+        brow_y = pts[17:27, 1].min()
+        depth = rng.uniform(0.3, 1.05)
+        lower = hairline[::-1].copy()
+        lower[:, 1] = lower[:, 1] + (brow_y - lower[:, 1]) * depth * np.sin(np.linspace(0.2, np.pi - 0.2, len(lower)))
+        lower[:, 1] += rng.normal(0, 0.02 * fw, len(lower))
+        cv.blend(cv.poly_mask(np.vstack([hairline, lower]), soft * 1.5), hair * rng.uniform(0.8, 1.2), rng.uniform(0.85, 1))
+    for _ in range(int(rng.integers(2, 10))):  # loose strands from the hairline over forehead, temple and cheek
+        start = hairline[int(rng.integers(len(hairline)))]
+        drop = np.array([rng.normal(0, 0.12), rng.uniform(0.15, 0.6)]) * fw
+        ctrl = np.vstack([start, start + drop * 0.5 + rng.normal(0, 0.05 * fw, 2), start + drop])
+        cv.blend(cv.stroke_mask(_catmull(ctrl, closed=False, k=5), rng.uniform(0.008, 0.03) * fw + 0.6, soft),
+                 hair * rng.uniform(0.7, 1.4), rng.uniform(0.6, 1.0))
+
+
+def _glasses(rng, cv: _Canvas, pts: np.ndarray, soft: float) -> None:
+    """Eyeglasses: two rims around the eyes, a bridge over point 27 and the temples toward the ears."""
+    iod = np.linalg.norm(pts[45] - pts[36]) + 1e-6
+    frame = np.full(3, rng.uniform(0.02, 0.35)) if rng.random() < 0.7 else rng.uniform(0.1, 0.7, 3)
+    width = rng.uniform(0.015, 0.05) * iod + 0.6
+    power = rng.uniform(2.0, 4.0)  # superellipse: round .. rectangular rims
+    t = np.linspace(0, 2 * np.pi, 28, endpoint=False)
+    unit_rim = np.column_stack([np.sign(np.cos(t)) * np.abs(np.cos(t)) ** (2 / power),
+                                np.sign(np.sin(t)) * np.abs(np.sin(t)) ** (2 / power)])
+    hw, hh, lift = rng.uniform(0.27, 0.36) * iod, rng.uniform(0.16, 0.24) * iod, rng.uniform(-0.02, 0.06) * iod
+    rims = []
+    for eye in (np.arange(36, 42), np.arange(42, 48)):
+        e = pts[eye]
+        axis = (e[3] - e[0]) / (np.linalg.norm(e[3] - e[0]) + 1e-6)
+        normal = np.array([-axis[1], axis[0]])
+        scale = np.linalg.norm(e[3] - e[0]) / (0.25 * iod + 1e-6)  # foreshortened on a turned face
+        c = e.mean(axis=0) - normal * lift
+        rim = c + np.outer(unit_rim[:, 0] * hw * min(scale, 1.3), axis) + np.outer(unit_rim[:, 1] * hh, normal)
+        rims.append(rim)
+        if rng.random() < 0.5:  # tinted / reflecting lens
+            cv.multiply(cv.poly_mask(rim, soft), rng.uniform(0.7, 1.15))
+        cv.blend(cv.stroke_mask(np.vstack([rim, rim[:1]]), width, soft * 0.8), frame)
+    a, b = rims[0], rims[1]
+    inner_a, inner_b = a[np.argmin(np.linalg.norm(a - pts[27], axis=1))], b[np.argmin(np.linalg.norm(b - pts[27], axis=1))]
+    bridge = np.vstack([inner_a, (inner_a + inner_b) / 2 - np.array([0, 0.04 * iod]), inner_b])
+    cv.blend(cv.stroke_mask(_catmull(bridge, closed=False, k=4), width, soft * 0.8), frame)
+    for rim, ear_pt in ((a, pts[0]), (b, pts[16])):
+        outer = rim[np.argmax(np.linalg.norm(rim - pts[27], axis=1))]
+        cv.blend(cv.stroke_mask(np.vstack([outer, ear_pt - np.array([0, 0.05 * iod])]), width, soft * 0.8), frame)
+
+
+def _hand(rng, cv: _Canvas, pts: np.ndarray, skin: np.ndarray, soft: float, fw: float) -> None:
+    """A hand (palm and four fingers) resting on the chin, over the mouth or against a cheek."""
+    where = rng.choice(3)
+    if where == 0:  # under the chin, fingers up
+        palm_c, up = pts[8] + np.array([rng.normal(0, 0.1), 0.25]) * fw, np.array([0.0, -1.0])
+    elif where == 1:  # over the mouth
+        palm_c, up = pts[57] + np.array([rng.normal(0, 0.15), 0.3]) * fw, np.array([rng.normal(0, 0.3), -1.0])
+    else:  # against a cheek from the side
+        side = rng.choice([-1.0, 1.0])
+        jaw = pts[4] if side < 0 else pts[12]
+        palm_c, up = jaw + np.array([side * 0.15, 0.2]) * fw, np.array([-side * 0.5, -1.0])
+    up = up / np.linalg.norm(up)
+    across = np.array([-up[1], up[0]])
+    tone = np.clip(skin * rng.uniform(0.85, 1.08, 3), 0, 1)
+    t = np.linspace(0, 2 * np.pi, 20, endpoint=False)
+    pr = rng.uniform(0.18, 0.26) * fw
+    palm = palm_c + np.outer(np.cos(t) * pr, across) + np.outer(np.sin(t) * pr * 1.1, up)
+    cv.blend(cv.poly_mask(palm, soft * 1.5), tone)
+    fwid = pr * rng.uniform(0.32, 0.42)
+    for j, off in enumerate((-1.5, -0.5, 0.5, 1.5)):
+        base = palm_c + across * off * fwid * 1.05 + up * pr * 0.7
+        tip = base + up * pr * rng.uniform(0.9, 1.5) * (0.85 if j in (0, 3) else 1.0) + across * off * fwid * 0.3
+        finger = np.vstack([base, tip])
+        cv.blend(cv.stroke_mask(finger, fwid, soft), tone)
+        cv.multiply(cv.stroke_mask(finger + across * fwid * 0.5, max(1.0, 0.12 * fwid), soft * 1.5), 0.8)
+
+
+def _paint_features(rng, cv: _Canvas, pts, unit, skin, hair, light, soft, yaw: float, strength: float = 1.0) -> None:
+    """Eyes, brows, nose, mouth and shading details, each from its landmarks, at a per-face ``strength`` in (0, 1]
+    (faint brows, lashes and lips are common in photos; the cartoon-strong features are not)."""
     iod = np.linalg.norm(pts[36] - pts[45]) + 1e-6
     dark = skin * 0.35
     # eye sockets and upper-lid creases
@@ -430,7 +556,7 @@ def _paint_features(rng, cv: _Canvas, pts, unit, skin, hair, light, soft, yaw: f
         c = _catmull(pts[brow], closed=False, k=4)
         taper = np.linspace(0.55, 1.0, len(c))  # thicker at the inner end (21 / 22)
         taper = taper if brow[0] == 17 else taper[::-1]
-        cv.blend(cv.stroke_mask(c, bw * taper + 1, soft * 1.2), hair * 0.7, rng.uniform(0.75, 0.95))
+        cv.blend(cv.stroke_mask(c, bw * taper + 1, soft * 1.2), hair * 0.7, rng.uniform(0.75, 0.95) * strength)
     # eyes
     iris_col = IRIS_COLOURS[rng.integers(len(IRIS_COLOURS))]
     gaze = rng.uniform(-0.12, 0.12, 2)
@@ -441,7 +567,8 @@ def _paint_features(rng, cv: _Canvas, pts, unit, skin, hair, light, soft, yaw: f
         em = cv.poly_mask(outline, soft * 0.7)
         if em is None:
             continue
-        cv.blend(em, np.array([0.86, 0.83, 0.8]) * (0.7 + 0.3 * light[2]))
+        sclera = np.array([0.86, 0.83, 0.8]) * strength + skin * 0.75 * (1 - strength)
+        cv.blend(em, sclera * (0.7 + 0.3 * light[2]))
         centre = e.mean(axis=0) + gaze * ew * np.array([1, 0.3])
         r = 0.24 * ew
         circ = centre + r * np.column_stack([np.cos(np.linspace(0, 2 * np.pi, 20)), np.sin(np.linspace(0, 2 * np.pi, 20))])
@@ -458,7 +585,7 @@ def _paint_features(rng, cv: _Canvas, pts, unit, skin, hair, light, soft, yaw: f
                 cv.blend(pm, np.array([0.03, 0.03, 0.03]), 0.9)
         upper = _catmull(e[[0, 1, 2, 3]], closed=False, k=5)
         lw = np.maximum(1.0, 0.09 * ew * np.sin(np.linspace(0.3, np.pi - 0.3, len(upper))) * 1.6)
-        cv.blend(cv.stroke_mask(upper, lw, soft * 0.6), np.array([0.05, 0.04, 0.04]), 0.92)
+        cv.blend(cv.stroke_mask(upper, lw, soft * 0.6), np.array([0.05, 0.04, 0.04]), 0.92 * (0.4 + 0.6 * strength))
         lower = _catmull(e[[3, 4, 5, 0]], closed=False, k=5)
         cv.blend(cv.stroke_mask(lower, max(1.0, 0.04 * ew), soft * 0.6), dark, 0.5)
         crease = upper + np.array([0, -0.22 * ew])
@@ -485,11 +612,11 @@ def _paint_features(rng, cv: _Canvas, pts, unit, skin, hair, light, soft, yaw: f
         c = pts[a] * 0.45 + pts[b] * 0.55 - np.array([0, 0.06 * nw])
         ax = 0.13 * nw
         ell = c + np.column_stack([ax * np.cos(np.linspace(0, 2 * np.pi, 12)), 0.55 * ax * np.sin(np.linspace(0, 2 * np.pi, 12))])
-        cv.multiply(cv.poly_mask(ell, soft), 0.3)
+        cv.multiply(cv.poly_mask(ell, soft), 1 - 0.7 * (0.3 + 0.7 * strength))
     # mouth: lips, opening, corners
     lip = np.clip(skin * np.array([0.85, 0.55, 0.55]) + np.array([0.08, 0.0, 0.02]), 0, 1)
     outer = _catmull(pts[48:60], closed=True, k=5)
-    cv.blend(cv.poly_mask(outer, soft * 0.8), lip, rng.uniform(0.6, 0.95))
+    cv.blend(cv.poly_mask(outer, soft * 0.8), lip, rng.uniform(0.6, 0.95) * strength)
     mw = np.linalg.norm(pts[48] - pts[54]) + 1e-6
     inner = pts[60:68]
     gap = np.linalg.norm(pts[62] - pts[66])
@@ -540,8 +667,9 @@ def render_face(rng: np.random.Generator, cfg: Synthetic) -> tuple[np.ndarray, F
     shift = np.array([cx, cy]) - (lo + hi) / 2 * unit
     for key in ("points", "hair", "forehead", "neck", "centre"):
         g[key] = g[key] * unit + shift
+    g["ears"] = [e * unit + shift for e in g["ears"]]
     cv = _Canvas(_background(rng, h, w))
-    _paint_face(rng, cv, g, unit)
+    _paint_face(rng, cv, g, unit, cfg)
     points = g["points"].astype(np.float64)
     box = face_box(points)
     if rng.random() < cfg.occluder_prob:

@@ -1,0 +1,155 @@
+"""Realism study of the synthetic faces: one row per generator / augmentation setting.
+
+Each row runs the real stage scripts (download → augment → encode → train@mse) in a work folder of its own
+(``.studies/realism/<name>/``, gitignored) on ``params.yaml`` plus the row's overrides, then measures:
+
+- dlib realism on the synthetic test faces (``metrics/realism.json``: dlib's NME and detector hit rate),
+- the MSE model's synthetic test NME (inter-ocular, %, DARK decoder, true boxes),
+- its NME from dlib's points on the bundled real portraits (:mod:`facemarks.real_photos`: astronaut, Grace Hopper),
+- generation speed (faces/s on this machine, from ``timings/download.json``).
+
+Usage (from the repo root)::
+
+    python studies/realism.py v2 data.synthetic.glasses_prob=0 augment.jpeg_prob=0
+    python studies/realism.py --table            # rebuild reports/realism/table.md from the rows
+
+Rows are written to ``reports/realism/rows/<name>.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = ROOT / "reports" / "realism" / "rows"
+STAGES = ("download", "augment", "encode")
+
+
+def _set(doc: dict, dotted: str, value: str) -> None:
+    *parents, last = dotted.split(".")
+    node = doc
+    for p in parents:
+        node = node[p]
+    node[last] = yaml.safe_load(value)
+
+
+def prepare(work: Path, overrides: list[str], code: Path = ROOT) -> dict:
+    """A work folder with the stage scripts and params.yaml of ``code`` + overrides; returns the merged params."""
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    shutil.copytree(code / "stages", work / "stages")
+    doc = yaml.safe_load((code / "params.yaml").read_text())
+    for item in overrides:
+        key, _, value = item.partition("=")
+        _set(doc, key, value)
+    (work / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    return doc
+
+
+def run_stages(work: Path, code: Path = ROOT) -> dict[str, float]:
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}", PYTHONPATH=str(code / "src"))
+    seconds = {}
+    for cmd in [[sys.executable, f"stages/{s}.py"] for s in STAGES] + [[sys.executable, "stages/train.py", "--loss", "mse"]]:
+        t0 = time.perf_counter()
+        subprocess.run(cmd, cwd=work, env=env, check=True)
+        seconds[Path(cmd[1]).stem + ("@mse" if "--loss" in cmd else "")] = time.perf_counter() - t0
+    return seconds
+
+
+def measure(work: Path) -> dict:
+    from facemarks import codec, real_photos
+    from facemarks.augment import face_crop, invert_points
+    from facemarks.metrics import nme, normaliser
+    from facemarks.model import STRIDE, images_to_tensor, load_model, outputs_to_heatmaps
+    from facemarks.store import read_split
+    import torch
+
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    size, margin, sigma = params["augment"]["size"], params["augment"]["margin"], params["encode"]["sigma"]
+    model = load_model(work / "models/mse/model.pt")
+    hm = codec.HeatmapCodec(size, size // STRIDE, sigma)
+
+    @torch.inference_mode()
+    def crops_to_points(crops: np.ndarray) -> np.ndarray:
+        heat = torch.cat([outputs_to_heatmaps(model(images_to_tensor(crops[i:i + 64])), "mse")
+                          for i in range(0, len(crops), 64)]).numpy()
+        return np.asarray(hm.decode(heat, "dark")[0], np.float64)  # (N, 68, 2) crop px
+
+    test = read_split(work / "data/augmented/test")
+    pred = invert_points(crops_to_points(np.asarray(test.images)), np.asarray(test.transform))
+    gt = np.asarray(test.orig_points)
+    syn = 100 * nme(pred, gt, normaliser(gt, "io"))
+
+    def predict(image, box):
+        crop, T = face_crop(image, box, size, margin)
+        return invert_points(crops_to_points(crop[None])[0], T)
+
+    real = real_photos.score(predict, real_photos.dlib_references())
+    realism = json.loads((work / "metrics/realism.json").read_text())
+    train = json.loads((work / "metrics/train_mse.json").read_text())
+    return {"synthetic_test_nme": float(np.mean(syn)), "synthetic_test_nme_median": float(np.median(syn)),
+            "real": real, "dlib_realism_nme": realism.get("dlib_nme_mean"),
+            "dlib_detector_hit_rate": realism.get("detector_hit_rate"), "val_nme": train.get("best_val_nme")}
+
+
+def table() -> str:
+    rows = [json.loads(p.read_text()) for p in sorted(ROWS.glob("*.json"), key=lambda p: p.stat().st_mtime)]
+    lines = ["| row | overrides | dlib NME on synthetic test % | dlib detects % | synthetic test NME % (MSE) | "
+             "astronaut NME % | Grace Hopper NME % | generation faces/s |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        m, real = r["measured"], r["measured"]["real"]
+        speed = r.get("faces_per_s")
+        lines.append(f"| {r['name']} | {' '.join(r['overrides']) or '(params.yaml)'} | {m['dlib_realism_nme']:.2f} | "
+                     f"{100 * m['dlib_detector_hit_rate']:.1f} | {m['synthetic_test_nme']:.2f} | "
+                     f"{real.get('astronaut', float('nan')):.2f} | {real.get('grace_hopper', float('nan')):.2f} | "
+                     f"{'' if speed is None else f'{speed:.1f}'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("name", nargs="?")
+    ap.add_argument("overrides", nargs="*", help="dotted.key=value (YAML value)")
+    ap.add_argument("--table", action="store_true", help="only rebuild reports/realism/table.md")
+    ap.add_argument("--rev", help="run the stages of this git revision (e.g. the generator before a change); "
+                                  "the measurement uses the current library")
+    args = ap.parse_args()
+    if not args.table:
+        if not args.name:
+            ap.error("a row name is required")
+        work = ROOT / ".studies" / "realism" / args.name
+        code = ROOT
+        if args.rev:
+            code = ROOT / ".studies" / "realism" / f"code-{args.rev}"
+            if not code.exists():
+                code.mkdir(parents=True)
+                archive = subprocess.run(["git", "archive", args.rev, "src", "stages", "params.yaml"], cwd=ROOT,
+                                         check=True, capture_output=True).stdout
+                subprocess.run(["tar", "-x", "-C", str(code)], input=archive, check=True)
+        doc = prepare(work, args.overrides, code)
+        seconds = run_stages(work, code)
+        measured = measure(work)
+        syn = doc["data"]["synthetic"]
+        row = {"name": args.name, "rev": args.rev, "overrides": args.overrides, "measured": measured,
+               "stage_seconds": seconds,
+               # download stage = generation + contact sheet + dlib realism check: a lower bound of the generation rate
+               "faces_per_s": (syn["n_train"] + syn["n_test"]) / seconds["download"]}
+        ROWS.mkdir(parents=True, exist_ok=True)
+        (ROWS / f"{args.name}.json").write_text(json.dumps(row, indent=1, sort_keys=True) + "\n")
+        print(json.dumps(row, indent=1))
+    (ROWS.parent / "table.md").write_text(table())
+    print(table())
+
+
+if __name__ == "__main__":
+    main()
