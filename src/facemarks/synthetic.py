@@ -622,12 +622,17 @@ def _paint_features(rng, cv: _Canvas, pts, unit, skin, hair, light, soft, yaw: f
     gap = np.linalg.norm(pts[62] - pts[66])
     if gap > 0.04 * mw:
         mm = cv.poly_mask(_catmull(inner, closed=True, k=5), soft * 0.7)
-        cv.blend(mm, np.array([0.12, 0.04, 0.04]))
-        if gap > 0.15 * mw and rng.random() < 0.7:  # upper teeth
-            teeth = np.vstack([inner[[0, 1, 2, 3, 4]], (inner[[4, 3, 2, 1, 0]] * 0.7 + inner[[4, 5, 6, 7, 0]] * 0.3)])
+        cv.blend(mm, np.array([0.12, 0.04, 0.04]) * rng.uniform(0.6, 2.2))
+        if gap > 0.1 * mw and rng.random() < 0.85:  # upper teeth (a smile shows them), sometimes the lower ones
+            depth = rng.uniform(0.3, 0.6)
+            teeth = np.vstack([inner[[0, 1, 2, 3, 4]], (inner[[4, 3, 2, 1, 0]] * (1 - depth) + inner[[4, 5, 6, 7, 0]] * depth)])
             tm = cv.poly_mask(teeth, soft * 0.7)
+            shade = np.array([0.85, 0.82, 0.75]) * rng.uniform(0.75, 1.05)
             if tm is not None and mm is not None:
-                cv.blend(tm, np.array([0.85, 0.82, 0.75]), 0.8)
+                cv.blend(tm, shade, rng.uniform(0.7, 0.95))
+            if rng.random() < 0.4:
+                low = np.vstack([inner[[4, 5, 6, 7, 0]], (inner[[0, 7, 6, 5, 4]] * 0.75 + inner[[0, 1, 2, 3, 4]] * 0.25)])
+                cv.blend(cv.poly_mask(low, soft * 0.7), shade * 0.9, rng.uniform(0.5, 0.85))
     line = _catmull(np.vstack([pts[48], pts[60:65], pts[54]]), closed=False, k=4)
     cv.blend(cv.stroke_mask(line, max(1.0, 0.025 * mw), soft * 0.7), skin * 0.25, 0.85)
     under = _catmull(pts[[55, 56, 57, 58, 59]], closed=False, k=4) + np.array([0, 0.08 * mw])
