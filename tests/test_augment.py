@@ -13,7 +13,7 @@ import pytest
 from skimage.draw import disk
 
 from facemarks.augment import (apply_transform, augment_matrix, build_splits, contact_sheet, crop_transform,
-                               face_crop, invert_points, make_sample, run_augment, sample_rng, split_val, warp_gray,
+                               face_crop, invert_points, make_sample, make_samples, run_augment, sample_rng, split_val, warp_gray,
                                write_contact_sheet)
 from facemarks.io import Face, ImageRecord, read_image, write_dlib_xml, write_image
 from facemarks.landmarks import LEFT_EYE, MIRROR, RIGHT_EYE
@@ -315,3 +315,57 @@ def test_bad_box_and_missing_image_name_the_file(tmp_path):
     write_dlib_xml(raw / "train.xml", records)
     with pytest.raises(DataError, match=r"train\.xml \[images/train_0\.png\].*no area"):
         build_splits(raw, Augment(size=32, workers=1), seed=0)
+
+
+# ----------------------------------------------------------------------------------------------- domain randomisation
+def test_motion_kernel_is_a_normalised_line_along_its_angle():
+    from facemarks.augment import motion_kernel
+
+    flat = motion_kernel(4.0, 0.0)
+    assert flat.sum() == pytest.approx(1.0) and flat.shape == (5, 5)
+    assert np.count_nonzero(flat[2]) == 5 and np.count_nonzero(flat) == 5  # one horizontal row
+    upright = motion_kernel(4.0, np.pi / 2)
+    assert np.count_nonzero(upright[:, 2]) == 5 and np.count_nonzero(upright) == 5
+
+
+def test_jpeg_roundtrip_adds_block_artefacts_that_grow_as_quality_drops():
+    from facemarks.augment import jpeg_roundtrip
+
+    rng = np.random.default_rng(0)
+    img = np.clip(128 + 40 * rng.standard_normal((64, 64)), 0, 255).astype(np.float32)
+    err = {q: float(np.abs(jpeg_roundtrip(img, q) - img).mean()) for q in (90, 50, 15)}
+    assert 0 < err[90] < err[50] < err[15]
+    np.testing.assert_array_equal(jpeg_roundtrip(img, 50), jpeg_roundtrip(img, 50))
+
+
+def test_colour_cast_changes_only_augmented_copies(tmp_path):
+    from facemarks.augment import colour_cast_weights
+
+    w = colour_cast_weights(np.random.default_rng(1), 0.3)
+    assert w.sum() == pytest.approx(1.0) and (w > 0).all()
+    box = (20.0, 20.0, 80.0, 80.0)
+    pts = face_points(box)
+    rgb = np.zeros((130, 130, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 200, 60, 30  # strongly coloured: a cast changes its gray level
+    quiet = Augment(size=32, rotation=0.0, scale_min=1.0, scale_max=1.0, translate=0.0, flip_prob=0.0, **QUIET)
+    cast = dataclasses.replace(quiet, colour_cast=0.5)
+    plain_q, aug_q = make_samples(rgb, box, pts, quiet, [None, sample_rng(0, "train", 0, 1)])
+    plain_c, aug_c = make_samples(rgb, box, pts, cast, [None, sample_rng(0, "train", 0, 1)])
+    np.testing.assert_array_equal(plain_q["image"], plain_c["image"])  # plain crops (val / test) keep luma
+    assert np.abs(aug_c["image"].astype(int) - aug_q["image"].astype(int)).max() >= 3
+
+
+@pytest.mark.parametrize("knob", ["jpeg_prob", "motion_blur_prob", "lowres_prob", "sharpen_prob"])
+def test_each_domain_randomisation_changes_the_crop_and_keeps_the_points(knob):
+    box = (20.0, 20.0, 80.0, 80.0)
+    pts = face_points(box)
+    img = np.zeros((130, 130), np.uint8)
+    draw_face(img, pts, 3.0)
+    quiet = Augment(size=64, **QUIET)
+    on = dataclasses.replace(quiet, **{knob: 1.0})
+    a = make_sample(img, box, pts, quiet, sample_rng(0, "train", 0, 1))
+    b = make_sample(img, box, pts, on, sample_rng(0, "train", 0, 1))
+    c = make_sample(img, box, pts, on, sample_rng(0, "train", 0, 1))
+    np.testing.assert_array_equal(b["image"], c["image"])  # seeded
+    assert (a["image"] != b["image"]).mean() > 0.02
+    np.testing.assert_array_equal(a["points"], b["points"])  # photometric only: the geometry is untouched
