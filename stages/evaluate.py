@@ -1,5 +1,6 @@
 """Stage evaluate: score models/{mse,bce} on data/augmented/test (every decoder, original px) against the mean shape
-and dlib; write metrics/eval.json, metrics/ced.csv, data/eval/predictions.npz; log test_* metrics to each train run."""
+and dlib; write metrics/eval.json, metrics/ced.csv, data/eval/predictions.npz and timings/evaluate.json (ms per face,
+untracked); log test_* metrics to each train run."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,6 +12,10 @@ from facemarks.model import LOSSES, load_model
 from facemarks.params import load_params
 from facemarks.runner import run
 from facemarks.store import read_split
+from facemarks.timings import split_timings, write_timings
+
+# wall clock, per model row: timings/evaluate.json (untracked) and MLflow, not metrics/eval.json
+EVAL_TIMINGS = ("ms_per_face_b1", "ms_per_face_batched", "ms_per_face")
 from facemarks.train import resolve_device
 
 
@@ -56,7 +61,9 @@ def main() -> None:
     with atomic_dir("data/eval") as tmp:
         np.savez(tmp / "predictions.npz", **{k: np.asarray(v) for k, v in arrays.items()})
     atomic_write_text("metrics/ced.csv", ced_csv(errors, ev.threshold))
-    atomic_write_json("metrics/eval.json", report)
+    quality, timing = split_timings(report, [f"{name}.{key}" for name in (*LOSSES, "dlib68") for key in EVAL_TIMINGS])
+    atomic_write_json("metrics/eval.json", quality)
+    write_timings("evaluate", timing)
     evaluation.log_eval_mlflow(report, LOSSES)
     for name in (*LOSSES, "mean_shape", "dlib68"):
         if name in report:

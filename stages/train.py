@@ -1,8 +1,8 @@
 """Stage train@<loss>: train the ResNet18 heatmap network with one loss (mse | bce).
 
 Reads data/augmented/{train,val}/ and data/heatmaps/{train,val}.npy; writes models/<loss>/model.pt,
-metrics/train_<loss>.json, metrics/train_<loss>_epochs.csv and checkpoints/<loss>/last.pt (resumed when
-the params and data match). Under `torchrun --nproc_per_node=N` it trains with DDP; rank 0 logs and writes.
+metrics/train_<loss>.json, metrics/train_<loss>_epochs.csv, timings/train_<loss>.json (seconds, img/s; untracked)
+and checkpoints/<loss>/last.pt (resumed when the params and data match). Under `torchrun --nproc_per_node=N` it trains with DDP; rank 0 logs and writes.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from facemarks import train
 from facemarks.model import LOSSES
 from facemarks.params import load_params
 from facemarks.runner import run
+from facemarks.timings import write_timings
 
 
 def main() -> None:
@@ -39,14 +40,16 @@ def main() -> None:
         previous = train.load_checkpoint(checkpoint_dir, train.fingerprint(cfg, data, loss))
         run_params = {"loss": loss, "base": dataclasses.asdict(params.base), "train": dataclasses.asdict(params.train),
                       "encode": {"sigma": cfg.sigma, "decoder": cfg.decoder}, "world_size": world,
-                      "device": str(device)}
+                      "device": str(device), "input_size": data.input_size}
         run_id = train.existing_run_id(previous["run_id"]) if previous else None
-        with start_run(f"train@{loss}", run_name=loss, params=run_params, tags={"loss": loss}, run_id=run_id) as active:
+        with start_run(f"train@{loss}", run_name=loss, params=run_params, tags={"loss": loss, "seed": str(cfg.seed)},
+                       run_id=run_id) as active:
             result = train.fit(cfg, data, loss, checkpoint_dir, device,
                                on_epoch=train.mlflow_epoch_logger(), run_id=active.info.run_id)
             train.log_mlflow(result)
         train.write_outputs(result, Path("models") / loss / "model.pt", Path("metrics") / f"train_{loss}.json",
                             Path("metrics") / f"train_{loss}_epochs.csv")
+        write_timings(f"train_{loss}", train.timings(result), merge=False)
         s = result.summary
         print(f"train@{loss}: val NME {s['final_val_nme']:.3f}% (best {s['best_val_nme']:.3f}% at epoch "
               f"{s['best_epoch']}, mean shape {s['mean_shape_nme']:.3f}%), {s['images_per_s']:.1f} img/s, "

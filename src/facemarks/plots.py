@@ -132,20 +132,18 @@ def summary_markdown(report: dict[str, Any]) -> str:
     """``reports/eval/README.md``: MSE vs BCE (and dlib68, mean shape) table, the winner and the margin."""
     lines = ["# Evaluation summary (test set)", "",
              "NME in % (inter-ocular = 300-W convention; inter-pupil; box diagonal), AUC and FR at the threshold "
-             "in `params.yaml` (`evaluate.threshold`), ms per face on this machine.", "",
-             "| model | decoder | NME io % | NME ip % | NME box % | AUC | FR | ms/face (b=1) | ms/face (batched) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "in `params.yaml` (`evaluate.threshold`). Speed (ms per face) depends on the machine: it is in "
+             "`timings/evaluate.json` and the MLflow `evaluate` run, not here.", "",
+             "| model | decoder | NME io % | NME ip % | NME box % | AUC | FR |",
+             "|---|---|---|---|---|---|---|"]
     for name in ("mse", "bce", "dlib68", "mean_shape"):
         e = report.get(name)
         if not e:
             continue
         dec = e.get("best_decoder", "—")
         row = e[dec] if dec in e else e
-        b1 = e.get("ms_per_face_b1", e.get("ms_per_face"))
-        bb = e.get("ms_per_face_batched")
-        fmt = lambda v: "—" if v is None else f"{v:.2f}"  # noqa: E731
         lines.append(f"| {name} | {dec} | {row['nme_io']:.3f} | {row['nme_ip']:.3f} | {row['nme_box']:.3f} | "
-                     f"{row['auc']:.3f} | {row['fr']:.3f} | {fmt(b1)} | {fmt(bb)} |")
+                     f"{row['auc']:.3f} | {row['fr']:.3f} |")
     win = report["winner"]
     lose = "mse" if win == "bce" else "bce"
     rel = 100 * report["winner_margin_nme"] / max(report[lose]["nme_io"], 1e-9)

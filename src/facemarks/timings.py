@@ -8,9 +8,10 @@ Stages also log the same numbers to their MLflow run.
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from facemarks.atomic import atomic_write_json
 
@@ -39,3 +40,22 @@ def write_timings(name: str, values: dict[str, Any], root: str | Path | None = N
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, current)
     return path
+
+
+def split_timings(report: dict[str, Any], keys: Iterable[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(report without keys, {key: value})``: ``keys`` are dotted paths into nested dicts (``"mse.ms_per_face_b1"``);
+    paths that are absent are skipped. ``report`` itself is left unchanged (the first item is a deep copy).
+
+    Stages use it to write the quality part to their DVC metrics file and the wall-clock part with
+    :func:`write_timings`.
+    """
+    kept = copy.deepcopy(report)
+    removed: dict[str, Any] = {}
+    for key in keys:
+        *parents, last = key.split(".")
+        node: Any = kept
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and last in node:
+            removed[key] = node.pop(last)
+    return kept, removed

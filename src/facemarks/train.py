@@ -45,7 +45,9 @@ log = logging.getLogger("facemarks.train")
 
 CHECKPOINT_NAME = "last.pt"
 COLLAPSE_RATIO = 0.9  # val NME >= 0.9 x mean-shape NME counts as mean-shape collapse
-EPOCH_COLUMNS = ("epoch", "train_loss", "val_loss", "val_nme", "lr", "images_per_s")
+EPOCH_COLUMNS = ("epoch", "train_loss", "val_loss", "val_nme", "lr")  # the per-epoch CSV (a DVC plots file)
+# Differ between two reproductions of the same commit: kept out of the DVC metrics/plots files (see :func:`timings`).
+VOLATILE_KEYS = ("images_per_s", "seconds", "run_id")
 _NOT_FINGERPRINTED = ("workers",)  # config fields that cannot change the result
 
 
@@ -517,12 +519,21 @@ def _summary(history, msn, loss, data, run_id) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ outputs
+def timings(result: FitResult) -> dict[str, Any]:
+    """The wall-clock part of a fit (for :func:`facemarks.timings.write_timings`): total ``seconds``, median
+    ``images_per_s`` and per-epoch ``{"epoch", "images_per_s", "seconds"}`` rows."""
+    s = result.summary
+    return {"seconds": s["seconds"], "images_per_s": s["images_per_s"],
+            "epochs": [{k: r[k] for k in ("epoch", "images_per_s", "seconds") if k in r} for r in result.history]}
+
+
 def write_outputs(result: FitResult, model_path: str | Path, metrics_path: str | Path, epochs_csv: str | Path) -> None:
-    """``model.pt`` (state_dict), the summary JSON and the per-epoch CSV, each written atomically."""
+    """``model.pt`` (state_dict), the summary JSON and the per-epoch CSV, each written atomically; the summary and the
+    CSV leave out :data:`VOLATILE_KEYS` (timings and the MLflow run id), so that identical runs write identical files."""
     state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
     with atomic_path(model_path) as tmp:
         torch.save(state, tmp)
-    atomic_write_json(metrics_path, result.summary)
+    atomic_write_json(metrics_path, {k: v for k, v in result.summary.items() if k not in VOLATILE_KEYS})
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=EPOCH_COLUMNS, lineterminator="\n")
     writer.writeheader()
@@ -571,6 +582,7 @@ def log_mlflow(result: FitResult) -> None:
     mlflow.log_metrics({
         "final_val_nme": s["final_val_nme"], "best_val_nme": s["best_val_nme"], "final_val_loss": s["final_val_loss"],
         "mean_shape_nme": s["mean_shape_nme"], "collapse": float(s["collapse"]), "images_per_s": s["images_per_s"],
+        "train_seconds": s["seconds"],
     })
     fig = loss_figure(result.history, result.loss)
     mlflow.log_figure(fig, f"loss_curves_{result.loss}.png")
