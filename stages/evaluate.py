@@ -7,10 +7,12 @@ import numpy as np
 
 from facemarks import evaluation
 from facemarks.atomic import atomic_dir, atomic_write_json, atomic_write_text
+from facemarks.codec import DECODERS
 from facemarks.metrics import ced_csv
 from facemarks.model import LOSSES, load_model
 from facemarks.params import load_params
 from facemarks.runner import run
+from facemarks.stats import loss_comparison
 from facemarks.store import read_split
 from facemarks.timings import split_timings, write_timings
 
@@ -48,13 +50,17 @@ def main() -> None:
     else:
         print(f"evaluate: no dlib68 row: {notice}")
     report["roundtrip"] = evaluation.roundtrip_summary(test, sigma)
-    winner = min(LOSSES, key=lambda l: report[l]["nme_io"])
-    loser = next(name for name in LOSSES if name != winner)
-    report.update(winner=winner, winner_margin_nme=report[loser]["nme_io"] - report[winner]["nme_io"])
+    # paired BCE - MSE per test face, every decoder; headline: each loss at its best decoder (facemarks.stats)
+    report["comparison"] = loss_comparison(
+        {loss: {d: arrays[f"nme_{d}_{loss}"] for d in DECODERS} for loss in LOSSES},
+        {loss: report[loss]["best_decoder"] for loss in LOSSES}, seed=params.base.seed)
+    winner = report["comparison"]["winner"]  # a loss only when the 95 % interval excludes 0, else None (JSON null)
+    leader = winner or min(LOSSES, key=lambda name: report[name]["nme_io"])  # lower mean NME: shown in the figures
+    report.update(winner=winner, leader=leader)
     meta_aug = test.meta.get("augment", {})
     report["astronaut"], astro = evaluation.astronaut(
-        models[winner], winner, size=int(test.meta["size"]), margin=float(meta_aug.get("margin", 0.25)), sigma=sigma,
-        decoder=report[winner]["best_decoder"], use_dlib=notice is None)
+        models[leader], leader, size=int(test.meta["size"]), margin=float(meta_aug.get("margin", 0.25)), sigma=sigma,
+        decoder=report[leader]["best_decoder"], use_dlib=notice is None)
     arrays.update(astro)
 
     errors = {name: arrays[f"nme_{name}"] for name in (*LOSSES, "dlib68") if f"nme_{name}" in arrays}
@@ -69,7 +75,7 @@ def main() -> None:
         if name in report:
             r = report[name]
             print(f"evaluate: {name:10s} NME {r['nme_io']:.3f}% (io)  AUC {r['auc']:.3f}  FR {r['fr']:.3f}")
-    print(f"evaluate: winner {winner} by {report['winner_margin_nme']:.3f} NME points; astronaut {report['astronaut']}")
+    print(f"evaluate: {report['comparison']['verdict']}; astronaut {report['astronaut']}")
 
 
 if __name__ == "__main__":

@@ -156,3 +156,13 @@ def test_bad_preset_leaves_params_untouched(tmp_path):
     with pytest.raises(ParamsError):
         apply_preset(preset, target)
     assert target.read_text() == before
+
+
+def test_study_name_and_training_seed():
+    p = parse_params({"base": {"study": "budget-v1.2_a"}, "train": {"seed": 7}})
+    assert p.base.study == "budget-v1.2_a" and p.train.seed == 7 and p.base.seed == 0
+    assert Params().base.study == "" and Params().train.seed == 0
+    for key, bad in (("base.study", "has space"), ("base.study", "a/b"), ("train.seed", -1)):
+        with pytest.raises(ParamsError) as err:
+            parse_params(_nest(key, bad))
+        _one_line_naming(err.value, key)

@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import json
 import re
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import DVC, sh
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 
@@ -76,6 +80,38 @@ def test_plot_param_change_reruns_plot_only(tiny_repo):
     assert ran(proc.stdout + proc.stderr) == ["plot"]
 
 
+def test_train_seed_edit_reruns_training_only_and_study_adds_evaluate(tiny_repo):
+    """train.seed feeds only the train stages (evaluate and plot follow through their model deps: no data stage);
+    base.study also reruns evaluate, so that a study's runs are logged under its tag instead of restored from the
+    run-cache."""
+    path = tiny_repo / "params.yaml"
+    before = path.read_text()
+    try:
+        set_param(tiny_repo, "train.seed", 1)
+        assert stale(tiny_repo) == {"train@mse", "train@bce"}
+        set_param(tiny_repo, "base.study", "probe")
+        assert stale(tiny_repo) == {"train@mse", "train@bce", "evaluate"}
+    finally:
+        path.write_text(before)
+    assert stale(tiny_repo) == set()
+
+
+def test_eval_json_names_a_winner_only_when_the_interval_excludes_zero(tiny_repo):
+    ev = json.loads((tiny_repo / "metrics/eval.json").read_text())
+    c = ev["comparison"]
+    assert c["delta"] == "bce - mse" and c["n_boot"] >= 2000 and c["headline"] == "best_decoder"
+    assert set(c["decoders"]) >= {"argmax", "dark", "subpixel"}
+    for row in (c["best"], *c["decoders"].values()):
+        assert row["ci_low"] <= row["mean_delta"] <= row["ci_high"] and 0 <= row["p_wilcoxon"] <= 1
+        excludes = row["ci_low"] > 0 or row["ci_high"] < 0
+        assert (row["winner"] is not None) == excludes
+    assert ev["winner"] == c["best"]["winner"] and ev["leader"] in ("mse", "bce")
+    best = (c["best"]["decoder_mse"], c["best"]["decoder_bce"])
+    assert best == (ev["mse"]["best_decoder"], ev["bce"]["best_decoder"])
+    readme = (tiny_repo / "reports/eval/README.md").read_text()
+    assert c["verdict"][1:] in readme and "| best (headline) |" in readme
+
+
 def test_dvc_plots_render(tiny_repo):
     proc = sh(tiny_repo, *DVC, "plots", "show", "--json")
     data = json.loads(proc.stdout)
@@ -106,11 +142,30 @@ def test_exp_run_creates_run_tagged_with_experiment_name(tiny_repo):
 
     sh(tiny_repo, "git", "add", "-A")
     sh(tiny_repo, "git", "commit", "-qm", "after reruns", check=False)
-    sh(tiny_repo, *DVC, "exp", "run", "-n", "lr-probe", "-S", "train.lr=0.002")
+    sh(tiny_repo, *DVC, "exp", "run", "-n", "lr-probe", "-S", "train.lr=0.002", "-S", "train.seed=1",
+       "-S", "base.study=probe")
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tiny_repo / 'mlflow.db'}")
     exp = client.get_experiment_by_name("facemarks")
     tagged = client.search_runs([exp.experiment_id], filter_string="tags.`dvc.exp_name` = 'lr-probe'")
     assert {r.info.run_name for r in tagged} >= {"mse", "bce"}
+    # the study tag on every run of the experiment, the training seed on the train runs, paired by evaluate
+    by_stage = {r.data.tags["dvc.stage"]: r for r in tagged}
+    assert {"train@mse", "train@bce", "evaluate", "plot"} <= set(by_stage)
+    assert all(r.data.tags.get("study") == "probe" for r in tagged)
+    train_runs = [by_stage["train@mse"], by_stage["train@bce"]]
+    assert [r.data.tags["seed"] for r in train_runs] == ["1", "1"]
+    assert {r.data.tags["evaluate_run"] for r in train_runs} == {by_stage["evaluate"].info.run_id}
+    assert "comparison.best.ci_low" in by_stage["evaluate"].data.metrics
+    assert by_stage["train@mse"].data.metrics["val_weak_peak_share"] >= 0  # per epoch, beside val_collapse
+    # `facemarks compare --study` aggregates the seed; the study report reads the same store
+    out = sh(tiny_repo, sys.executable, "-m", "facemarks.cli", "compare", "--study", "probe").stdout
+    assert "budget 32 px (8×8 maps), 1+0 epochs: seeds 1" in out and "1 pairs from 2 evaluated train runs" in out
+    report = sh(tiny_repo, sys.executable, str(ROOT / "studies/study_report.py"), "--study", "probe")
+    assert report.returncode == 0
+    table = (tiny_repo / "reports/study/table.md").read_text()
+    row = next(line for line in table.splitlines() if line.endswith("| lr-probe |"))
+    assert "—" not in row.split("|")[6]  # the face-level interval of that seed's evaluate run
+    assert (tiny_repo / "reports/study/nme_vs_budget.png").stat().st_size > 0
 
 
 # Keys that would differ between two reproductions of the same commit (wall clock, machine load, MLflow ids):

@@ -1,4 +1,4 @@
-"""facemarks.plots: every figure is written as a PNG that reads back; the summary names the winner and the margin."""
+"""facemarks.plots: every figure is written as a PNG that reads back; the summary states the paired verdict."""
 from __future__ import annotations
 
 import numpy as np
@@ -38,7 +38,7 @@ REPORT = {
     "bce": {"dark": row(4.0), "best_decoder": "dark", "nme_io": 4.0, "ms_per_face_b1": 3.1, "ms_per_face_batched": 1.1},
     "mean_shape": row(9.0),
     "dlib68": {**row(3.5), "ms_per_face": 1.3},
-    "winner": "bce", "winner_margin_nme": 1.0,
+    "winner": "bce", "leader": "bce",
     "roundtrip": {"subpixel": 0.001, "subpixel_max": 0.01},
     "astronaut": {"found": True, "loss": "bce", "box": [175, 76, 91, 91], "nme_vs_dlib": 7.5},
 }
@@ -73,10 +73,29 @@ def test_heatmaps_regions_astronaut_figures(tmp_path, faces):
     read_png(plots.save_figure(fig, tmp_path / "a.png"))
 
 
-def test_summary_names_winner_and_margin():
+def comparison(shift: float) -> dict:
+    """A real ``comparison`` block (facemarks.stats) for BCE = MSE + ``shift`` NME points plus noise."""
+    from facemarks.stats import loss_comparison
+
+    rng = np.random.default_rng(0)
+    mse = rng.gamma(4.0, 0.0125, 300)
+    bce = mse + shift / 100 + rng.normal(0, 0.005, 300)
+    return loss_comparison({"mse": {"subpixel": mse, "dark": mse}, "bce": {"subpixel": bce, "dark": bce}},
+                           {"mse": "subpixel", "bce": "dark"}, seed=0)
+
+
+REPORT["comparison"] = comparison(-1.0)
+
+
+def test_summary_states_the_paired_verdict_in_plain_words():
     text = plots.summary_markdown(REPORT)
-    assert "**Winner: BCE**" in text
-    assert "4.000 % vs 5.000 % for MSE: 1.000 NME points (20.0 % lower)" in text
+    best = REPORT["comparison"]["best"]
+    assert f"**BCE better by {-best['mean_delta']:.3f} NME points [95 % CI " in text and ", p = " in text
+    assert "Headline: each loss at its own best decoder (MSE: subpixel, BCE: dark)" in text
+    assert text.count("| BCE better |") == 3  # headline + two decoders
+    tie = plots.summary_markdown({**REPORT, "winner": None, "comparison": comparison(0.0)})
+    assert "**Not distinguishable at this budget: BCE − MSE = " in tie and "| not distinguishable |" in tie
+    assert "BCE better" not in tie
     assert "| dlib68 |" in text and "| mean_shape |" in text
     assert "NME vs dlib's points 7.50 %" in text
     no_dlib = {k: v for k, v in REPORT.items() if k != "dlib68"}

@@ -87,8 +87,34 @@ def test_non_finite_pairs_are_dropped_and_bad_input_is_refused():
 
 
 def test_seed_interval_is_a_student_t_interval():
-    mean, sd, lo, hi = stats.seed_interval(np.array([0.1, 0.3, 0.2]))
-    assert mean == pytest.approx(0.2) and sd == pytest.approx(0.1)
+    from scipy.stats import ttest_1samp
+
+    r = stats.seed_interval(np.array([0.1, 0.3, 0.2]))
+    assert r["n"] == 3 and r["mean"] == pytest.approx(0.2) and r["sd"] == pytest.approx(0.1)
     half = 4.302652729911275 * 0.1 / np.sqrt(3)  # t(0.975, df=2)
-    assert (lo, hi) == pytest.approx((0.2 - half, 0.2 + half))
-    assert np.isnan(stats.seed_interval(np.array([0.4]))[2])
+    assert (r["ci_low"], r["ci_high"]) == pytest.approx((0.2 - half, 0.2 + half))
+    assert r["p_t"] == pytest.approx(ttest_1samp([0.1, 0.3, 0.2], 0.0).pvalue)
+    assert np.isnan(stats.seed_interval(np.array([0.4]))["ci_low"])
+
+
+def test_loss_comparison_block_pairs_every_decoder_and_the_best_ones():
+    rng = np.random.default_rng(0)
+    base = rng.gamma(4.0, 0.015, 300)  # fractions, as metrics.face_metrics returns them
+    per_face = {"mse": {"argmax": base + 0.02, "dark": base},
+                "bce": {"argmax": base + 0.02 + rng.normal(0, 0.002, 300), "dark": base + 0.005}}
+    block = stats.loss_comparison(per_face, {"mse": "dark", "bce": "argmax"}, seed=1)
+    assert block["headline"] == "best_decoder" and block["delta"] == "bce - mse" and block["n_boot"] >= 2000
+    dark = block["decoders"]["dark"]
+    assert dark["winner"] == "mse" and dark["ci_low"] > 0 and dark["mean_delta"] == pytest.approx(0.5)  # NME points
+    assert dark["mean_mse"] == pytest.approx(100 * base.mean())
+    assert block["decoders"]["argmax"]["winner"] is None
+    best = block["best"]
+    assert (best["decoder_mse"], best["decoder_bce"]) == ("dark", "argmax")
+    assert best["mean_delta"] == pytest.approx(100 * (per_face["bce"]["argmax"] - base).mean())
+    assert block["winner"] == best["winner"] == "mse" and block["verdict"].startswith("MSE better by ")
+
+
+def test_verdict_without_an_interval_names_no_winner():
+    winner, text = stats.verdict_text("bce", "mse", 0.3, float("nan"), float("nan"), None, 1, items="seeds")
+    assert winner is None
+    assert text == "not distinguishable at this budget: BCE − MSE = +0.300 NME points, no interval (n = 1 seeds)"

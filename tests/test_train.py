@@ -312,3 +312,41 @@ def test_ddp_two_processes_train_and_only_rank0_writes(tmp_path):
     assert [r.info.run_name for r in runs] == ["mse"] and runs[0].data.params["world_size"] == "2"
     summary = json.loads((repo / "metrics/train_mse.json").read_text())
     assert summary["n_train"] == 8 and summary["epochs"] == 2
+
+
+# ------------------------------------------------------------------------------------------------ seeds, weak peaks
+def test_training_seed_comes_from_train_seed_not_the_data_seed():
+    from facemarks.params import parse_params
+
+    p = parse_params({"base": {"seed": 5}, "train": {"seed": 11}})
+    assert T.TrainConfig.from_params(p.train, p.base, p.encode).seed == 11
+
+
+def test_weak_peaks_on_synthetic_maps():
+    codec = HeatmapCodec(32, 8, 1.0)
+    points = torch.from_numpy(np.random.default_rng(0).uniform(1, 30, (3, 68, 2)))
+    target, _ = codec.encode(points, torch.ones(3, 68, dtype=torch.bool))
+    weights = torch.ones(3, 68)
+    weights[0, :10] = 0  # not counted
+    assert T.weak_peaks(torch.zeros_like(target), target, weights) == (194, 194)  # predicts zeros: share 1.0
+    assert T.weak_peaks(target, target, weights) == (0, 194)  # the exact target: share 0.0
+    half = target.clone()
+    half[1] *= 0.45  # face 1: peaks below half the target's
+    half[2] *= 0.55  # face 2: above
+    assert T.weak_peaks(half, target, weights) == (68, 194)
+    wrong_place = torch.roll(target, shifts=3, dims=-1)  # a strong peak in the wrong place is not weak
+    assert T.weak_peaks(wrong_place, target, weights)[0] < 194
+
+
+def test_fit_records_weak_peak_share_and_collapse_per_epoch(tmp_path):
+    data = load(make_data(tmp_path))
+    result = T.fit(dataclasses.replace(TINY, epochs_phase1=1, epochs_phase2=0, lr=1e-9), data, "bce", tmp_path / "c")
+    row = result.history[-1]
+    assert 0.0 <= row["val_weak_peak_share"] <= 1.0 and row["val_collapse"] == 1.0
+    # an untrained BCE net starts at the target prior (sigmoid ~ mean target): every peak is weak
+    assert row["val_weak_peak_share"] == 1.0 == result.summary["final_weak_peak_share"]
+    T.write_outputs(result, tmp_path / "m.pt", tmp_path / "s.json", tmp_path / "e.csv")
+    with open(tmp_path / "e.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert float(rows[-1]["val_weak_peak_share"]) == 1.0 and float(rows[-1]["val_collapse"]) == 1.0
+    assert json.loads((tmp_path / "s.json").read_text())["final_weak_peak_share"] == 1.0

@@ -2,7 +2,7 @@
 
     facemarks predict IMAGE... [--model PATH] [--loss {mse,bce}] [--detector {auto,dlib,cascade}] [--box x,y,w,h]
                                [--out DIR] [--no-overlay] [--astronaut]
-    facemarks compare [--experiment NAME]
+    facemarks compare [--experiment NAME] [--study NAME]
     facemarks preset NAME [--params params.yaml]
     facemarks ui [--launch]
 """
@@ -107,18 +107,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return status
 
 
-def compare_table(experiment: str) -> str:
+def compare_table(experiment: str, study: str | None = None) -> str:
     """The MSE vs BCE table of the latest train run per loss in ``experiment`` (MLflow store of
-    :func:`facemarks.tracking.tracking_uri`), as aligned text."""
+    :func:`facemarks.tracking.tracking_uri`; only runs tagged ``study = <study>`` when given), as aligned text."""
     import mlflow
 
     from facemarks.tracking import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
-    runs = mlflow.search_runs(experiment_names=[experiment], filter_string="tags.`dvc.stage` LIKE 'train%'",
+    query = "tags.`dvc.stage` LIKE 'train%'" + (f" and tags.study = '{study}'" if study else "")
+    runs = mlflow.search_runs(experiment_names=[experiment], filter_string=query,
                               order_by=["attributes.start_time DESC"])
     if runs.empty:
-        raise RuntimeError(f"no train runs in MLflow experiment {experiment!r} at {tracking_uri()}")
+        where = f"MLflow experiment {experiment!r}" + (f", study {study!r}," if study else "")
+        raise RuntimeError(f"no train runs in {where} at {tracking_uri()}")
     latest = runs.drop_duplicates("tags.loss")
     header = f"{'metric':22s}" + "".join(f"{loss:>14s}" for loss in latest["tags.loss"])
     lines = [header, "-" * len(header)]
@@ -129,13 +131,24 @@ def compare_table(experiment: str) -> str:
     lines.append(f"{'run_id':22s}" + "".join(f"{rid[:12]:>14s}" for rid in latest["run_id"]))
     if "metrics.test_nme" in latest and latest["metrics.test_nme"].notna().all() and len(latest) > 1:
         best = latest.loc[latest["metrics.test_nme"].astype(float).idxmin(), "tags.loss"]
-        lines.append(f"winner (lowest test_nme): {best}")
+        lines.append(f"lower test_nme in these two runs: {best} (one seed each, no interval: see the seeds below)")
     return "\n".join(lines)
+
+
+def seeds_table(experiment: str, study: str | None = None) -> str:
+    """The seed aggregate (:mod:`facemarks.aggregate`): per budget and loss, test NME mean ± sd over training seeds,
+    seeds won, and the paired BCE − MSE difference over seeds with its interval."""
+    from facemarks import aggregate
+
+    pairs, counts = aggregate.pair_runs(aggregate.search_train_runs(experiment, study))
+    return aggregate.seeds_text(aggregate.summarise(pairs), counts)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     experiment = args.experiment or _experiment(args.params)
-    print(compare_table(experiment))
+    print(compare_table(experiment, args.study))
+    print("\nAcross training seeds (MSE and BCE runs paired by the evaluate run that scored both):\n")
+    print(seeds_table(experiment, args.study))
     return 0
 
 
@@ -189,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
     c = sub.add_parser("compare", parents=[common], help="print the MSE vs BCE table from the MLflow store")
     c.add_argument("--experiment", help="MLflow experiment (default: base.experiment)")
+    c.add_argument("--study", help="only runs tagged study=NAME (base.study)")
     c.set_defaults(func=cmd_compare)
     s = sub.add_parser("preset", parents=[common], help="merge presets/NAME.yaml into params.yaml")
     s.add_argument("name")

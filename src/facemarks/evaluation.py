@@ -197,10 +197,10 @@ def dlib_row(split: Any, raw_dir: str, threshold: float) -> tuple[dict[str, Any]
 
 
 def log_eval_mlflow(report: dict[str, Any], losses: tuple[str, ...] = ("mse", "bce")) -> None:
-    """Every number into an ``evaluate`` run (tags ``winner`` — ``none`` when the interval includes 0 —, ``verdict``,
-    ``<loss>_run``; the ``comparison`` block also as ``comparison.json``); ``test_*`` metrics into each loss's train run
-    (:func:`train_run_id`), tagged ``evaluate_run`` = that run's id: the two train runs scored together (the pairs
-    that ``facemarks compare`` and the study report use)."""
+    """Every number into an ``evaluate`` run, tagged ``winner`` (``none`` when the interval includes 0),
+    ``verdict`` and ``<loss>_run``, with the ``comparison`` block also as ``comparison.json``; ``test_*`` metrics into
+    each loss's train run (:func:`train_run_id`), tagged ``evaluate_run`` = that run's id: the two train runs scored
+    together, the pairs that ``facemarks compare`` and the study report use (:mod:`facemarks.aggregate`)."""
     import mlflow
 
     from facemarks.codec import DECODERS

@@ -129,7 +129,8 @@ def astronaut_figure(image: np.ndarray, box: np.ndarray, ours: np.ndarray, dlib:
 
 
 def summary_markdown(report: dict[str, Any]) -> str:
-    """``reports/eval/README.md``: MSE vs BCE (and dlib68, mean shape) table, the winner and the margin."""
+    """``reports/eval/README.md``: MSE vs BCE (and dlib68, mean shape) table and the paired comparison
+    (:func:`comparison_markdown`)."""
     lines = ["# Evaluation summary (test set)", "",
              "NME in % (inter-ocular = 300-W convention; inter-pupil; box diagonal), AUC and FR at the threshold "
              "in `params.yaml` (`evaluate.threshold`). Speed (ms per face) depends on the machine: it is in "
@@ -144,12 +145,7 @@ def summary_markdown(report: dict[str, Any]) -> str:
         row = e[dec] if dec in e else e
         lines.append(f"| {name} | {dec} | {row['nme_io']:.3f} | {row['nme_ip']:.3f} | {row['nme_box']:.3f} | "
                      f"{row['auc']:.3f} | {row['fr']:.3f} |")
-    win = report["winner"]
-    lose = "mse" if win == "bce" else "bce"
-    rel = 100 * report["winner_margin_nme"] / max(report[lose]["nme_io"], 1e-9)
-    lines += ["", f"**Winner: {win.upper()}** — inter-ocular NME {report[win]['nme_io']:.3f} % vs "
-              f"{report[lose]['nme_io']:.3f} % for {lose.upper()}: {report['winner_margin_nme']:.3f} NME points "
-              f"({rel:.1f} % lower).", ""]
+    lines += ["", *comparison_markdown(report["comparison"])]
     if "dlib68" not in report:
         lines += ["dlib68 row absent: the `peers` extra is not installed (or `evaluate.peers` is false).", ""]
     astro = report.get("astronaut", {})
@@ -164,6 +160,29 @@ def summary_markdown(report: dict[str, Any]) -> str:
     lines += ["Figures: `keypoints_mse.png`, `keypoints_bce.png`, `heatmaps.png`, `best_worst.png`, `regions.png`, "
               "`astronaut.png`.", ""]
     return "\n".join(lines)
+
+
+def comparison_markdown(comparison: dict[str, Any]) -> list[str]:
+    """The ``comparison`` block of ``eval.json`` (:func:`facemarks.stats.loss_comparison`) in plain words: the
+    headline verdict ("MSE better by X [95 % CI a, b], p = …" or "not distinguishable at this budget") and one row
+    per decoder."""
+    best = comparison["best"]
+    head = (f"each loss at its own best decoder (MSE: {best['decoder_mse']}, BCE: {best['decoder_bce']})"
+            if comparison["headline"] == "best_decoder" else comparison["headline"])
+    lines = ["## MSE vs BCE on the same test faces", "",
+             f"**{comparison['verdict'][0].upper()}{comparison['verdict'][1:]}.**", "",
+             f"Per test face ΔNME = NME(BCE) − NME(MSE) in NME points (%): its mean, a percentile bootstrap "
+             f"{100 * comparison['level']:.0f} % interval ({comparison['n_boot']} resamples of the faces, seed "
+             f"{comparison['seed']}) and the Wilcoxon signed-rank p-value. Headline: {head}. A loss is named the "
+             "winner only when the interval excludes 0 (`winner` in `metrics/eval.json`, else null). One training "
+             "seed: the seed-to-seed spread is not in this interval (`facemarks compare`, `studies/`).", "",
+             "| decoder | MSE NME % | BCE NME % | Δ BCE − MSE | 95 % CI | Wilcoxon p | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in [("best (headline)", best), *comparison["decoders"].items()]:
+        verdict = f"{r['winner'].upper()} better" if r["winner"] else "not distinguishable"
+        lines.append(f"| {name} | {r['mean_mse']:.3f} | {r['mean_bce']:.3f} | {r['mean_delta']:+.3f} | "
+                     f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] | {r['p_wilcoxon']:.2g} | {verdict} |")
+    return [*lines, ""]
 
 
 def heatmap_indices(n: int) -> list[int]:

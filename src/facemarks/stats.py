@@ -86,6 +86,9 @@ def verdict_text(a: str, b: str, mean_delta: float, low: float, high: float, p: 
     """``(winner, sentence)``: e.g. ``"MSE better by 0.61 NME points [95 % CI 0.30, 0.92], p = 0.0012 (n = 300
     faces)"`` when the interval of ``a - b`` excludes 0, else the plain :data:`NOT_DISTINGUISHABLE` sentence."""
     p_text = "" if p is None else f", p = {p:.2g}"
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return None, (f"{NOT_DISTINGUISHABLE}: {a.upper()} − {b.upper()} = {mean_delta:+.3f} {unit}, "
+                      f"no interval (n = {n} {items})")
     if low > 0 or high < 0:
         winner, sign = (b, 1.0) if low > 0 else (a, -1.0)
         lo, hi = sorted((sign * low, sign * high))
@@ -117,18 +120,56 @@ def paired_comparison(a: np.ndarray, b: np.ndarray, names: tuple[str, str] = ("b
                       seed=int(seed), p_wilcoxon=p, winner=winner, verdict=verdict)
 
 
-def seed_interval(delta: np.ndarray, level: float = LEVEL) -> tuple[float, float, float, float]:
-    """Across training seeds: ``delta (S,)`` per-seed mean differences -> ``(mean, sd, low, high)``, a Student t
-    interval at ``level`` (NaN bounds with fewer than 2 seeds; sd with ``ddof=1``)."""
+def seed_interval(delta: np.ndarray, level: float = LEVEL) -> dict[str, float]:
+    """Across training seeds: per-seed mean differences ``delta (S,)`` -> ``{"n", "mean", "sd", "ci_low",
+    "ci_high", "p_t"}``: a Student t interval at ``level`` and the one-sample t-test p-value against 0 (NaN with
+    fewer than 2 seeds; ``sd`` with ``ddof=1``). With 3 seeds the interval is wide by construction (t = 4.30)."""
     from scipy.stats import t
 
     delta = np.asarray(delta, np.float64).ravel()
     delta = delta[np.isfinite(delta)]
     if len(delta) == 0:
         raise ValueError("seed_interval: no seeds")
-    mean = float(delta.mean())
-    if len(delta) < 2:
-        return mean, float("nan"), float("nan"), float("nan")
+    n, mean = len(delta), float(delta.mean())
+    nan = float("nan")
+    if n < 2:
+        return {"n": n, "mean": mean, "sd": nan, "ci_low": nan, "ci_high": nan, "p_t": nan}
     sd = float(delta.std(ddof=1))
-    half = float(t.ppf((1 + level) / 2, len(delta) - 1)) * sd / np.sqrt(len(delta))
-    return mean, sd, mean - half, mean + half
+    se = sd / np.sqrt(n)
+    half = float(t.ppf((1 + level) / 2, n - 1)) * se
+    p = float(2 * t.sf(abs(mean) / se, n - 1)) if se > 0 else (1.0 if mean == 0 else 0.0)
+    return {"n": n, "mean": mean, "sd": sd, "ci_low": mean - half, "ci_high": mean + half, "p_t": p}
+
+
+# ------------------------------------------------------------------------------------------------ evaluate's block
+HEADLINE = "best_decoder"  # the headline pairs each loss at its own best test decoder (the eval.json `nme_io` rows)
+
+
+def loss_comparison(per_face: dict[str, dict[str, np.ndarray]], best: dict[str, str], seed: int = 0,
+                    names: tuple[str, str] = ("bce", "mse"), n_boot: int = N_BOOT) -> dict[str, Any]:
+    """The ``comparison`` block of ``metrics/eval.json``: BCE vs MSE on the same test faces, in NME points (%).
+
+    Args:
+        per_face: ``{loss: {decoder: NME (N,) as a fraction}}`` for both losses (the same N faces, same order).
+        best: ``{loss: decoder}``, each loss's best decoder on the test set.
+        seed: bootstrap seed (``base.seed``).
+
+    Returns ``{"delta", "unit", "level", "n_boot", "seed", "headline", "decoders": {decoder: row}, "best": row,
+    "winner", "verdict"}``. A row is ``{"n", "mean_<a>", "mean_<b>", "mean_delta", "ci_low", "ci_high",
+    "p_wilcoxon", "winner", "verdict"}`` (:func:`paired_comparison`, delta = BCE − MSE); ``decoders`` pairs both
+    losses at the same decoder, ``best`` each at its own best one (and names them, ``decoder_<loss>``).
+    ``winner``/``verdict`` are the headline's (:data:`HEADLINE`): a loss name only when its interval excludes 0.
+    """
+    a, b = names
+
+    def row(da: str, db: str) -> dict[str, Any]:
+        c = paired_comparison(100 * np.asarray(per_face[a][da]), 100 * np.asarray(per_face[b][db]), names, seed, n_boot)
+        return {"n": c.n, f"mean_{a}": c.mean_a, f"mean_{b}": c.mean_b, "mean_delta": c.mean_delta,
+                "ci_low": c.ci_low, "ci_high": c.ci_high, "p_wilcoxon": c.p_wilcoxon, "winner": c.winner,
+                "verdict": c.verdict}
+
+    rows = {d: row(d, d) for d in per_face[a] if d in per_face[b]}
+    head = {f"decoder_{a}": best[a], f"decoder_{b}": best[b], **row(best[a], best[b])}
+    return {"delta": f"{a} - {b}", "unit": "NME % (inter-ocular), per test face", "level": LEVEL, "n_boot": n_boot,
+            "seed": int(seed), "headline": HEADLINE, "decoders": rows, "best": head, "winner": head["winner"],
+            "verdict": head["verdict"]}

@@ -54,11 +54,15 @@ def git_commit(cwd: str | Path | None = None) -> str:
 
 
 def context_tags(stage: str) -> dict[str, str]:
-    """Tags every run carries: DVC stage, DVC experiment name (when DVC sets one), git commit."""
+    """Tags every run carries: DVC stage, DVC experiment name (when DVC sets one), git commit, and ``study``
+    (``base.study``) when it is set."""
     tags = {"dvc.stage": stage, "mlflow.source.git.commit": git_commit(), "git.commit": git_commit()}
     exp = os.environ.get("DVC_EXP_NAME")
     if exp:
         tags["dvc.exp_name"] = exp
+    study = _study_from_params()
+    if study:
+        tags["study"] = study  # base.study: groups the runs of a seed / budget study (studies/)
     return tags
 
 
@@ -107,3 +111,13 @@ def _experiment_from_params() -> str:
         return load_params().base.experiment
     except Exception:
         return "facemarks"
+
+
+def _study_from_params() -> str:
+    """``base.study`` from ``params.yaml`` in the working directory; empty without a readable params file."""
+    try:
+        from facemarks.params import load_params
+
+        return load_params().base.study
+    except Exception:
+        return ""

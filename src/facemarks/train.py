@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import statistics
 import sys
@@ -45,7 +46,10 @@ log = logging.getLogger("facemarks.train")
 
 CHECKPOINT_NAME = "last.pt"
 COLLAPSE_RATIO = 0.9  # val NME >= 0.9 x mean-shape NME counts as mean-shape collapse
-EPOCH_COLUMNS = ("epoch", "train_loss", "val_loss", "val_nme", "lr")  # the per-epoch CSV (a DVC plots file)
+WEAK_PEAK_RATIO = 0.5  # predicted map peak < 0.5 x the target's peak counts as a weak peak (see weak_peaks)
+# the per-epoch CSV (a DVC plots file); val_collapse (0/1, :func:`is_collapse`) and val_weak_peak_share
+# (:func:`weak_peaks`) are the two failure checks, side by side
+EPOCH_COLUMNS = ("epoch", "train_loss", "val_loss", "val_nme", "lr", "val_collapse", "val_weak_peak_share")
 # Differ between two reproductions of the same commit: kept out of the DVC metrics/plots files (see :func:`timings`).
 VOLATILE_KEYS = ("images_per_s", "seconds", "run_id")
 _NOT_FINGERPRINTED = ("workers",)  # config fields that cannot change the result
@@ -53,7 +57,7 @@ _NOT_FINGERPRINTED = ("workers",)  # config fields that cannot change the result
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything :func:`fit` reads (``params.yaml`` sections ``train``, ``base.seed``, ``encode``)."""
+    """Everything :func:`fit` reads (``params.yaml`` sections ``train``, with ``train.seed``, and ``encode``)."""
 
     epochs_phase1: int = 4
     epochs_phase2: int = 2
@@ -77,10 +81,14 @@ class TrainConfig:
 
     @classmethod
     def from_params(cls, train: Any, base: Any, encode: Any) -> "TrainConfig":
-        """Build from the ``train``, ``base`` and ``encode`` sections of :mod:`facemarks.params`."""
+        """Build from the ``train``, ``base`` and ``encode`` sections of :mod:`facemarks.params`.
+
+        ``seed`` is ``train.seed`` (weight init, data order, dropout), not ``base.seed`` (the data seed): a seed
+        study retrains without regenerating data or targets.
+        """
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in dataclasses.asdict(train).items() if k in names}
-        return cls(**kw, seed=base.seed, sigma=encode.sigma, decoder=encode.decoder)
+        return cls(**kw, sigma=encode.sigma, decoder=encode.decoder)
 
     def lr_at(self, epoch: int) -> float:
         """Learning rate of 0-based ``epoch``."""
@@ -213,7 +221,8 @@ def fingerprint(cfg: TrainConfig, data: TrainData, loss: str) -> str:
     """Hash of the config (minus fields that cannot change results), the loss and every data array."""
     h = hashlib.blake2b(digest_size=16)
     conf = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_FINGERPRINTED}
-    h.update(json.dumps({"config": conf, "loss": loss}, sort_keys=True).encode())
+    # the epoch columns too: a checkpoint whose history lacks today's columns is not resumed
+    h.update(json.dumps({"config": conf, "loss": loss, "columns": EPOCH_COLUMNS}, sort_keys=True).encode())
     for split in (data.train, data.val):
         for arr in (split.images, split.heatmaps, split.points, split.visible):
             h.update(f"{arr.dtype.str}{arr.shape}".encode())
@@ -326,29 +335,60 @@ def train_one_epoch(net: nn.Module, loader: Any, optimizer: torch.optim.Optimize
 @torch.no_grad()
 def evaluate(model: nn.Module, split: SplitArrays, loss: str, codec: HeatmapCodec, decoder: str,
              device: torch.device, batch_size: int = 64, amp: bool = False) -> tuple[float, float]:
-    """Mean heatmap loss and mean NME (%) on ``split`` -> (val_loss, val_nme); shards and sums under DDP."""
+    """Mean heatmap loss and mean NME (%) on ``split`` -> (val_loss, val_nme); see :func:`validate`."""
+    row = validate(model, split, loss, codec, decoder, device, batch_size, amp)
+    return row["val_loss"], row["val_nme"]
+
+
+@torch.no_grad()
+def validate(model: nn.Module, split: SplitArrays, loss: str, codec: HeatmapCodec, decoder: str,
+             device: torch.device, batch_size: int = 64, amp: bool = False) -> dict[str, float]:
+    """``{"val_loss", "val_nme" (%), "val_weak_peak_share"}`` on ``split`` (:func:`weak_peaks`); shards and sums
+    under DDP."""
     rank, world = _rank_world()
     was_training = model.training
     model.eval()
     dataset = BatchDataset(split)
     own = np.arange(rank, len(split), world)
-    sums = torch.zeros(3, dtype=torch.float64)  # loss * batch, nme sum, samples
+    sums = torch.zeros(5, dtype=torch.float64)  # loss * batch, nme sum, samples, weak peaks, weighted points
     for i in range(0, len(own), batch_size):
         idx = own[i:i + batch_size]
         images, targets, weights = (t.to(device) for t in dataset[idx])
         with _autocast(device, amp):
             outputs = model(images)
         sums[0] += float(heatmap_loss(outputs, targets, weights, loss)) * len(idx)
-        points, _ = codec.decode(outputs_to_heatmaps(outputs.float(), loss), decoder)
+        heat = outputs_to_heatmaps(outputs.float(), loss)
+        points, _ = codec.decode(heat, decoder)
         gt = np.asarray(split.points[idx], np.float64)
         nme = nme_per_sample(points.cpu().double().numpy(), gt, np.asarray(split.visible[idx]))
         sums[1] += float(np.nansum(nme))  # a face with no visible point has no NME
         sums[2] += len(idx)
+        sums[3:5] += torch.tensor(weak_peaks(heat, targets, weights), dtype=torch.float64)
     if world > 1:
         sums = _all_reduce(sums, device)
     model.train(was_training)
     n = max(float(sums[2]), 1.0)
-    return float(sums[0]) / n, float(sums[1]) / n
+    share = float(sums[3] / sums[4]) if float(sums[4]) > 0 else float("nan")
+    return {"val_loss": float(sums[0]) / n, "val_nme": float(sums[1]) / n, "val_weak_peak_share": share}
+
+
+def weak_peaks(predicted: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray,
+               weights: torch.Tensor | np.ndarray, ratio: float | None = None) -> tuple[int, int]:
+    """Count the keypoints whose predicted map has a weak peak -> ``(weak, counted)``.
+
+    predicted, target ``(N, K, h, w)`` in target units (after the sigmoid for ``bce``, see
+    :func:`facemarks.model.outputs_to_heatmaps`); weights ``(N, K)``: only points with weight > 0 (visible, on the
+    map) are counted. A peak is weak when ``max(predicted map) < ratio x max(target map)`` (default
+    :data:`WEAK_PEAK_RATIO`): the target's own sampled peak, just under 1 for a sub-pixel Gaussian centre. This is
+    the write-up's "predicts zeros / organised but wrong" symptom: the net outputs near-flat maps and the decoder
+    reads points off noise. An all-zero prediction counts every point, the exact target none.
+    """
+    ratio = WEAK_PEAK_RATIO if ratio is None else ratio
+    pred_max = torch.as_tensor(predicted).float().flatten(-2).amax(-1)
+    target_max = torch.as_tensor(target).float().to(pred_max.device).flatten(-2).amax(-1)
+    counted = torch.as_tensor(weights).to(pred_max.device) > 0
+    weak = (pred_max < ratio * target_max) & counted
+    return int(weak.sum()), int(counted.sum())
 
 
 def _all_reduce(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -464,10 +504,12 @@ def _fit(cfg, data, loss, checkpoint_dir, device, on_epoch, run_id, rank, world)
         if world > 1:
             stats = _all_reduce(stats, device)
         scheduler.step()
-        val_loss, val_nme = evaluate(net.module if world > 1 else net, data.val, loss, codec, cfg.decoder,
-                                     device, cfg.batch_size, cfg.amp)
+        val = validate(net.module if world > 1 else net, data.val, loss, codec, cfg.decoder, device, cfg.batch_size,
+                       cfg.amp)
+        val_loss, val_nme = val["val_loss"], val["val_nme"]
         row = {"epoch": epoch + 1, "train_loss": float(stats[0] / max(float(stats[1]), 1.0)), "val_loss": val_loss,
-               "val_nme": val_nme, "lr": lr, "images_per_s": float(stats[1]) / max(seconds, 1e-9),
+               "val_nme": val_nme, "lr": lr, "val_collapse": float(is_collapse(val_nme, msn)),
+               "val_weak_peak_share": val["val_weak_peak_share"], "images_per_s": float(stats[1]) / max(seconds, 1e-9),
                "seconds": time.perf_counter() - t_epoch}
         history.append(row)
         if rank == 0:
@@ -507,6 +549,8 @@ def _summary(history, msn, loss, data, run_id) -> dict[str, Any]:
         "final_train_loss": last["train_loss"],
         "mean_shape_nme": msn,
         "collapse": collapse,
+        "final_weak_peak_share": last.get("val_weak_peak_share", float("nan")),
+        "weak_peak_ratio": WEAK_PEAK_RATIO,
         "images_per_s": statistics.median(r["images_per_s"] for r in history),
         "input_size": data.input_size,
         "heatmap_size": data.input_size // STRIDE,
@@ -562,12 +606,14 @@ def loss_figure(history: list[dict[str, float]], loss: str):
 
 
 def mlflow_epoch_logger() -> Callable[[dict[str, float]], None]:
-    """An ``on_epoch`` callback logging ``train_loss``, ``val_loss``, ``val_nme``, ``lr`` to the active run."""
+    """An ``on_epoch`` callback logging ``train_loss``, ``val_loss``, ``val_nme``, ``lr``, the failure checks
+    ``val_collapse`` and ``val_weak_peak_share``, and ``images_per_s`` to the active run."""
     import mlflow
 
+    keys = ("train_loss", "val_loss", "val_nme", "lr", "val_collapse", "val_weak_peak_share", "images_per_s")
+
     def log_row(row: dict[str, float]) -> None:
-        mlflow.log_metrics({k: row[k] for k in ("train_loss", "val_loss", "val_nme", "lr", "images_per_s")},
-                           step=int(row["epoch"]))
+        mlflow.log_metrics({k: row[k] for k in keys if k in row and math.isfinite(row[k])}, step=int(row["epoch"]))
 
     return log_row
 
@@ -582,6 +628,7 @@ def log_mlflow(result: FitResult) -> None:
     mlflow.log_metrics({
         "final_val_nme": s["final_val_nme"], "best_val_nme": s["best_val_nme"], "final_val_loss": s["final_val_loss"],
         "mean_shape_nme": s["mean_shape_nme"], "collapse": float(s["collapse"]), "images_per_s": s["images_per_s"],
+        **({"final_weak_peak_share": s["final_weak_peak_share"]} if math.isfinite(s["final_weak_peak_share"]) else {}),
         "train_seconds": s["seconds"],
     })
     fig = loss_figure(result.history, result.loss)

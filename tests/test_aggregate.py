@@ -1,0 +1,173 @@
+"""Seeds and budgets from a real SQLite MLflow store: pairing, the seed aggregate of `facemarks compare`, and the
+study report (studies/study_report.py). Runs are logged with the MLflow API the way the pipeline logs them: train runs
+tagged dvc.stage/loss/seed/study/evaluate_run with their params, an evaluate run holding comparison.best.*."""
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from facemarks import aggregate, cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A real sqlite store filled once for the module (creating its tables takes seconds)."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment("facemarks")
+        # study "s1", budget 64 px 2+1 epochs: MSE lower on all three seeds (deltas 0.5, 0.4, 0.6)
+        log_pair(0, 5.0, 5.9, study="s1", face=(0.9, 0.5, 1.3))  # older rerun of seed 0: superseded below
+        log_pair(0, 5.0, 5.5, study="s1", face=(0.5, 0.2, 0.8))
+        log_pair(1, 5.2, 5.6, study="s1", face=(0.4, -0.1, 0.9))
+        log_pair(2, 5.4, 6.0, study="s1", face=(0.6, 0.3, 0.9))
+        # same study, budget 128 px 2+1 epochs: BCE lower on one seed, MSE on the other
+        log_pair(0, 4.0, 3.8, study="s1", size=128)
+        log_pair(1, 4.1, 4.2, study="s1", size=128)
+        log_run("bce", 2, 4.0, study="s1", size=128, evaluate_run="0" * 32)  # no MSE partner: unpaired
+        # another study and an untagged pipeline run: filtered out by --study
+        log_pair(0, 9.0, 1.0, study="other")
+        log_pair(0, 7.0, 7.0, study="")
+        yield uri
+
+
+def log_run(loss: str, seed: int, nme: float, *, study: str, size: int = 64, epochs=(2, 1), evaluate_run: str = "",
+            exp_name: str = "") -> str:
+    import mlflow
+
+    with mlflow.start_run(run_name=loss) as run:
+        tags = {"dvc.stage": f"train@{loss}", "loss": loss, "seed": str(seed)}
+        tags.update({"study": study} if study else {})
+        tags.update({"evaluate_run": evaluate_run} if evaluate_run else {})
+        tags.update({"dvc.exp_name": exp_name} if exp_name else {})
+        mlflow.set_tags(tags)
+        mlflow.log_params({"loss": loss, "input_size": size, "train.seed": seed, "train.epochs_phase1": epochs[0],
+                           "train.epochs_phase2": epochs[1]})
+        mlflow.log_metrics({"test_nme": nme, "val_nme": nme + 1})
+    time.sleep(0.005)  # distinct start times: the later rerun must win
+    return run.info.run_id
+
+
+def log_pair(seed: int, mse: float, bce: float, *, study: str, size: int = 64, face=None) -> str:
+    """An evaluate run (with the face-level comparison when ``face`` = (mean, low, high)) and its two train runs."""
+    import mlflow
+
+    with mlflow.start_run(run_name="evaluate") as ev:
+        mlflow.set_tags({"dvc.stage": "evaluate", **({"study": study} if study else {})})
+        if face:
+            mlflow.log_metrics({"comparison.best.mean_delta": face[0], "comparison.best.ci_low": face[1],
+                                "comparison.best.ci_high": face[2], "comparison.best.p_wilcoxon": 0.01,
+                                "comparison.best.n": 300})
+    for loss, value in (("mse", mse), ("bce", bce)):
+        log_run(loss, seed, value, study=study, size=size, evaluate_run=ev.info.run_id)
+    return ev.info.run_id
+
+
+def test_pairs_keep_the_latest_rerun_and_read_the_face_level_comparison(store):
+    pairs, counts = aggregate.pair_runs(aggregate.search_train_runs("facemarks", "s1"))
+    assert counts == {"runs": 13, "pairs": 5, "unpaired": 1, "superseded": 1}
+    first = next(p for p in pairs if p.budget == (64, 2, 1) and p.seed == 0)
+    assert first.nme == {"mse": 5.0, "bce": 5.5} and first.delta == pytest.approx(0.5)
+    assert first.face["ci_low"] == 0.2 and first.face["n"] == 300 and first.study == "s1"
+    assert not next(p for p in pairs if p.budget == (128, 2, 1)).face  # that evaluate run logged no comparison
+
+
+def test_runs_without_evaluate_tag_pair_by_experiment_name_and_seed(store):
+    import mlflow
+
+    mlflow.set_experiment("legacy")
+    for loss, value in (("mse", 6.0), ("bce", 6.5)):
+        log_run(loss, 4, value, study="", exp_name="tidy-fish")
+    log_run("mse", 5, 6.0, study="")  # neither tag: cannot be paired
+    pairs, counts = aggregate.pair_runs(aggregate.search_train_runs("legacy"))
+    assert [(p.exp_name, p.seed, p.delta) for p in pairs] == [("tidy-fish", 4, pytest.approx(0.5))]
+    assert counts["unpaired"] == 1
+
+
+def test_summary_per_budget_over_seeds(store):
+    pairs, _ = aggregate.pair_runs(aggregate.search_train_runs("facemarks", "s1"))
+    small, large = aggregate.summarise(pairs)
+    assert small["label"] == "64 px (16×16 maps), 2+1 epochs" and small["seeds"] == [0, 1, 2]
+    assert small["mse"]["mean"] == pytest.approx(5.2) and small["mse"]["sd"] == pytest.approx(0.2)
+    assert small["bce"]["values"] == [5.5, 5.6, 6.0]
+    assert small["wins"] == {"mse": 3, "bce": 0, "tie": 0}
+    half = 4.302652729911275 * 0.1 / np.sqrt(3)
+    d = small["delta"]
+    assert (d["mean"], d["ci_low"], d["ci_high"]) == pytest.approx((0.5, 0.5 - half, 0.5 + half))
+    assert small["winner"] == "mse" and small["verdict"].startswith("MSE better by 0.500 NME points [95 % CI 0.252")
+    assert "(n = 3 seeds)" in small["verdict"]
+    assert large["wins"] == {"mse": 1, "bce": 1, "tie": 0} and large["winner"] is None
+    assert large["verdict"].startswith("not distinguishable at this budget")
+
+
+def test_compare_prints_the_seed_aggregate(store, capsys):
+    assert cli.main(["compare", "--experiment", "facemarks", "--study", "s1"]) == 0
+    out = capsys.readouterr().out
+    assert "budget 64 px (16×16 maps), 2+1 epochs: seeds 0, 1, 2" in out
+    mse = next(line for line in out.splitlines() if line.strip().startswith("mse ") and "5.200 ± 0.200" in line)
+    assert mse.split()[4:6] == ["3", "3"]  # n seeds, seeds won
+    assert "paired BCE − MSE over seeds: +0.500 NME points" in out
+    assert "verdict: MSE better by 0.500" in out and "verdict: not distinguishable at this budget" in out
+    assert "5 pairs from 13 evaluated train runs; 1 unpaired, 1 superseded" in out
+    assert "9.000" not in out  # the other study is filtered out
+    assert cli.main(["compare", "--experiment", "facemarks", "--study", "nothing"]) == 1
+
+
+def test_study_report_writes_table_csv_and_figure(store, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "studies/study_report.py"), "--study", "s1", "--experiment",
+                           "facemarks", "--out", str(tmp_path / "study")], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "src")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    md = (tmp_path / "study/table.md").read_text()
+    assert "| 64 px (16×16 maps), 2+1 epochs | 3 | 5.200 ± 0.200 | 5.700 ± 0.265 |" in md
+    assert "MSE better by 0.500 NME points" in md and "not distinguishable at this budget" in md
+    assert "| 64 px (16×16 maps), 2+1 epochs | 0 | 5.000 | 5.500 | +0.500 | +0.500 [+0.200, +0.800] |" in md
+    with open(tmp_path / "study/table.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 5 and {r["study"] for r in rows} == {"s1"}
+    seed1 = next(r for r in rows if r["input_size"] == "64" and r["seed"] == "1")
+    assert float(seed1["nme_mse"]) == 5.2 and float(seed1["face_ci_low"]) == -0.1
+    import imageio.v3 as iio
+
+    img = iio.imread(tmp_path / "study/nme_vs_budget.png")
+    assert img.shape[0] > 100 and img[..., :3].std() > 5
+    empty = subprocess.run([sys.executable, str(ROOT / "studies/study_report.py"), "--study", "nothing", "--out",
+                            str(tmp_path / "none")], capture_output=True, text=True, timeout=300,
+                           env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "src")})
+    assert empty.returncode == 1 and "no evaluated MSE/BCE pairs tagged study=nothing" in empty.stderr
+
+
+def test_budget_study_queues_budgets_times_seeds_then_starts_the_queue(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("budget_study", ROOT / "studies/budget_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    assert study.main(["--study", "b1", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    queued = [line for line in lines if line.startswith("dvc exp run --queue")]
+    assert len(queued) == 9 and lines[len(queued)] == "dvc queue start -j 1"
+    assert queued[0] == "dvc exp run --queue -n b1-default-s0 -S base.study=b1 -S train.seed=0"
+    assert ("dvc exp run --queue -n b1-epochs3x-s2 -S base.study=b1 -S train.seed=2 -S train.epochs_phase1=6 "
+            "-S train.epochs_phase2=3") in queued
+    assert "dvc exp run --queue -n b1-size128-s1 -S base.study=b1 -S train.seed=1 -S augment.size=128" in queued
+    assert study.main(["--study", "b1", "--budgets", "size96:augment.size=96", "--seeds", "4", "--no-start",
+                       "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines()[:2] == [
+        "dvc exp run --queue -n b1-size96-s4 -S base.study=b1 -S train.seed=4 -S augment.size=96",
+        "then: python studies/study_report.py --study b1"]
+    for bad in (["--study", "off"], ["--study", "b1", "--budgets", "huge"], ["--study", "b 1"],
+                ["--study", "b1", "--seeds", "1", "1"]):
+        with pytest.raises(SystemExit):
+            study.main([*bad, "--dry-run"])
