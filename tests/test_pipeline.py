@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 
-STAGES = ["download", "augment", "encode", "train@mse", "train@bce", "evaluate", "plot"]
+STAGES = ["download", "augment", "encode", "train@mse", "train@bce", "export", "evaluate", "plot"]
 
 
 def ran(output: str) -> list[str]:
@@ -68,9 +68,9 @@ def test_second_repro_runs_nothing(tiny_repo):
 def test_sigma_change_reruns_encode_and_downstream_only(tiny_repo):
     set_param(tiny_repo, "encode.sigma", 1.25)
     # stages reading encode.sigma are stale at once; plot follows because its inputs then change
-    assert stale(tiny_repo) == {"encode", "train@mse", "train@bce", "evaluate"}
+    assert stale(tiny_repo) == {"encode", "train@mse", "train@bce", "export", "evaluate"}
     proc = sh(tiny_repo, *DVC, "repro")
-    assert ran(proc.stdout + proc.stderr) == ["encode", "train@mse", "train@bce", "evaluate", "plot"]
+    assert ran(proc.stdout + proc.stderr) == ["encode", "train@mse", "train@bce", "export", "evaluate", "plot"]
 
 
 def test_plot_param_change_reruns_plot_only(tiny_repo):

@@ -17,6 +17,7 @@ STAGE_BAD_PARAM = {
     "python stages/augment.py": ("augment.rotation", "lots"),
     "python stages/encode.py": ("encode.sigma", 99.0),
     "python stages/train.py --loss mse": ("train.no_such_key", 1),
+    "python stages/export.py": ("encode.sigma", 99.0),
     "python stages/evaluate.py": ("evaluate.threshold", 0),
     "python stages/plot.py": ("plot.dpi", 1),
 }

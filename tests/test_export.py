@@ -1,0 +1,162 @@
+"""facemarks.export and facemarks.runtime: real ONNX export of a real HeatmapNet, onnxruntime vs torch parity, the
+torch-free runtime, and the `export` stage's outputs in the tiny pipeline (ONNX files, metrics, MLflow onnx flavour)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from facemarks import export
+from facemarks.inference import make_codec
+from facemarks.model import GREY_MEAN, GREY_STD, build_model, images_to_tensor
+from facemarks.runtime import OnnxHeatmaps
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 64  # the default input size (params.yaml augment.size)
+SIGMA = 1.5
+
+
+def fitted_model(loss: str, images: np.ndarray) -> nn.Module:
+    """A seeded HeatmapNet of the default size (head width 64) whose maps look trained: BatchNorm statistics taken
+    from ``images``, then the last 1x1 layer solved by least squares so that the maps approximate Gaussians
+    (sigma 1.5 map px; logits of them for ``bce``) at random points. An untrained model's maps are flat, and on flat
+    maps every decoder turns float rounding into pixels (``export.peaked``), so it would not test parity."""
+    torch.manual_seed(0)
+    model = build_model(68, head_width=64, prior=0.02 if loss == "bce" else None)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None  # cumulative average over the calibration pass
+    x = images_to_tensor(images)
+    model.train()
+    with torch.no_grad():
+        model(x)
+    model.eval()
+    n, size = len(images), images.shape[-1]
+    points = torch.from_numpy(np.random.default_rng(1).uniform(0.25 * size, 0.75 * size, (n, 68, 2))).float()
+    heat, _ = make_codec(size, SIGMA).encode(points, torch.ones(n, 68, dtype=torch.bool))  # (N, K, h, w)
+    with torch.no_grad():
+        feats = model.head(model.backbone((x - GREY_MEAN) / GREY_STD))  # (N, C, h, w)
+        a = torch.cat([feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]), torch.ones(feats[:, 0].numel(), 1)], 1)
+        b = heat.permute(0, 2, 3, 1).reshape(-1, 68)
+        b = torch.logit(b.clamp(1e-3, 1 - 1e-3)) if loss == "bce" else b
+        sol = torch.linalg.lstsq(a.double(), b.double()).solution.float()  # (C + 1, K)
+        model.final.weight.copy_(sol[:-1].T[:, :, None, None])
+        model.final.bias.copy_(sol[-1])
+    return model
+
+
+@pytest.fixture(scope="module")
+def crops() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (6, SIZE, SIZE), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, crops) -> dict[str, tuple[nn.Module, Path]]:
+    out = tmp_path_factory.mktemp("onnx")
+    models = {}
+    for loss in ("mse", "bce"):
+        model = fitted_model(loss, crops)
+        models[loss] = (model, export.export_onnx(model, loss, out / loss / "model.onnx", SIZE))
+    return models
+
+
+@pytest.mark.parametrize("loss", ["mse", "bce"])
+def test_onnxruntime_matches_torch_heatmaps_and_decoded_points(exported, crops, loss):
+    model, path = exported[loss]
+    runtime = OnnxHeatmaps(path)
+    assert (runtime.input_size, runtime.num_keypoints, runtime.loss) == (SIZE, 68, loss)
+    result = export.parity(model, loss, runtime, crops, sigma=SIGMA)
+    assert result["max_abs_heatmap_diff"] <= 1e-4, result
+    assert result["max_point_diff_px_any"] <= 1e-3, result
+    assert set(result["max_point_diff_px"]) == {"argmax", "argmax_quarter", "weighted_average",
+                                                "local_weighted_average", "soft_argmax", "dark", "subpixel"}
+    assert result["n_points_compared"] >= 0.4 * result["n_points"], "too few peaked maps: the check is vacuous"
+    assert result["ok"]
+    export.check_parity(result, str(path))
+    heat = runtime(crops)
+    assert heat.shape == (6, 68, SIZE // 4, SIZE // 4) and heat.dtype == np.float32
+    if loss == "bce":
+        assert heat.min() >= 0 and heat.max() <= 1  # the sigmoid is in the graph
+
+
+def test_batch_axis_is_dynamic_and_batching_changes_nothing(exported, crops):
+    runtime = OnnxHeatmaps(exported["mse"][1])
+    whole = runtime(crops, batch_size=64)
+    one_by_one = runtime(crops, batch_size=1)
+    odd = runtime(crops, batch_size=4)  # batches of 4 and 2
+    assert np.abs(whole - one_by_one).max() <= 1e-5 and np.abs(whole - odd).max() <= 1e-5
+
+
+def test_a_wrong_export_fails_parity(tmp_path, exported, crops):
+    """The check can fail: a BCE model exported without its sigmoid (as if it were MSE) is refused."""
+    model = exported["bce"][0]
+    path = export.export_onnx(model, "mse", tmp_path / "wrong.onnx", SIZE)
+    result = export.parity(model, "bce", OnnxHeatmaps(path), crops, sigma=SIGMA)
+    assert not result["ok"] and result["max_abs_heatmap_diff"] > 1e-4
+    with pytest.raises(export.ParityError, match="wrong.onnx"):
+        export.check_parity(result, str(path))
+
+
+def test_peaked_flags_flat_and_tied_maps():
+    maps = np.zeros((1, 3, 8, 8), np.float32)
+    maps[0, 0, 3, 4] = 1.0  # one clear peak
+    maps[0, 1] = 0.3  # flat
+    maps[0, 2, 1, 1] = maps[0, 2, 6, 6] = 1.0  # two equal peaks far apart
+    assert export.peaked(maps).tolist() == [[True, False, False]]
+
+
+def test_runtime_runs_without_torch(exported, crops, tmp_path):
+    """facemarks.runtime imports neither torch nor the training stack: a deployment needs onnxruntime only."""
+    np.save(tmp_path / "crops.npy", crops)
+    code = ("import sys, numpy as np\nfrom facemarks.runtime import OnnxHeatmaps\n"
+            f"rt = OnnxHeatmaps({str(exported['bce'][1])!r}, threads=1)\n"
+            f"h = rt(np.load({str(tmp_path / 'crops.npy')!r}))\n"
+            "bad = sorted(m for m in ('torch', 'mlflow', 'dvc', 'matplotlib') if m in sys.modules)\n"
+            "print(h.shape, rt.threads, bad)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == f"(6, 68, {SIZE // 4}, {SIZE // 4}) 1 []"
+
+
+def test_runtime_threads_default_to_the_available_cores(exported):
+    from facemarks.runtime import available_cores
+
+    runtime = OnnxHeatmaps(exported["mse"][1])
+    assert runtime.threads == available_cores() >= 1
+    assert runtime.options.inter_op_num_threads == 1
+    with pytest.raises(FileNotFoundError, match="export"):
+        OnnxHeatmaps(Path("no/such/model.onnx"))
+
+
+@pytest.mark.slow
+def test_export_stage_writes_onnx_parity_metrics_and_logs_the_onnx_flavour(tiny_repo):
+    import mlflow
+
+    report = json.loads((tiny_repo / "metrics/export.json").read_text())
+    size = yaml.safe_load((tiny_repo / "params.yaml").read_text())["augment"]["size"]
+    assert report["opset"] == export.OPSET
+    for loss in ("mse", "bce"):
+        r = report[loss]
+        assert r["ok"] and r["max_abs_heatmap_diff"] <= 1e-4 and r["max_point_diff_px_any"] <= 1e-3, r
+        assert r["n_faces"] > 0 and r["n_points"] == 68 * r["n_faces"]
+        runtime = OnnxHeatmaps(tiny_repo / f"exports/{loss}/model.onnx")
+        assert (runtime.loss, runtime.input_size) == (loss, size)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tiny_repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("facemarks")
+    train_runs = {r.data.tags["loss"]: r.info.run_id for r in client.search_runs(
+        [exp.experiment_id], "tags.`dvc.stage` LIKE 'train%'")}
+    mlflow.set_tracking_uri(f"sqlite:///{tiny_repo / 'mlflow.db'}")
+    for loss, rid in train_runs.items():
+        models = mlflow.search_logged_models(experiment_ids=[exp.experiment_id], output_format="list",
+                                             filter_string=f"source_run_id = '{rid}'")
+        flavours = {m.name: set(mlflow.models.get_model_info(f"models:/{m.model_id}").flavors) for m in models}
+        assert "onnx" in flavours.get(export.MLFLOW_NAME, set()), (loss, flavours)
+        assert "pytorch" in flavours.get("model", set()), (loss, flavours)
