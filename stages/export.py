@@ -21,8 +21,9 @@ def main() -> None:
     images, size = np.asarray(test.images), int(test.meta["size"])
     report, paths = {"opset": export.OPSET}, {}
     for loss in LOSSES:
-        model = load_model(f"models/{loss}/model.pt")
-        paths[loss] = export.export_onnx(model, loss, f"exports/{loss}/model.onnx", size)
+        source = f"models/{loss}/model.pt"
+        model = load_model(source)
+        paths[loss] = export.export_onnx(model, loss, f"exports/{loss}/model.onnx", size, source=source)
         report[loss] = export.parity(model, loss, OnnxHeatmaps(paths[loss]), images, params.encode.sigma)
         export.check_parity(report[loss], str(paths[loss]))
         r = report[loss]

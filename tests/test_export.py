@@ -160,3 +160,41 @@ def test_export_stage_writes_onnx_parity_metrics_and_logs_the_onnx_flavour(tiny_
         flavours = {m.name: set(mlflow.models.get_model_info(f"models:/{m.model_id}").flavors) for m in models}
         assert "onnx" in flavours.get(export.MLFLOW_NAME, set()), (loss, flavours)
         assert "pytorch" in flavours.get("model", set()), (loss, flavours)
+
+
+def test_predict_uses_the_onnx_twin_only_when_it_was_exported_from_the_chosen_model(tmp_path, exported):
+    from facemarks.predict import ModelChoice, load_predictor
+
+    model = exported["mse"][0]
+    pt = tmp_path / "models/mse/model.pt"
+    pt.parent.mkdir(parents=True)
+    torch.save(model.state_dict(), pt)
+    choice, exports = ModelChoice(pt, "mse", "test"), tmp_path / "exports"
+    predictor, backend, why = load_predictor(choice, "auto", exports)
+    assert backend == "torch" and isinstance(predictor, nn.Module) and "no exported model" in why
+    with pytest.raises(FileNotFoundError, match="dvc repro export"):
+        load_predictor(choice, "onnx", exports)
+    twin = export.export_onnx(model, "mse", exports / "mse/model.onnx", SIZE, source=pt)
+    predictor, backend, _ = load_predictor(choice, "auto", exports)
+    assert backend == "onnx" and isinstance(predictor, OnnxHeatmaps) and predictor.path == twin
+    assert load_predictor(choice, "torch", exports)[1] == "torch"
+    assert load_predictor(ModelChoice(twin, "mse", "test"), "auto", exports)[1] == "onnx"
+    with pytest.raises(ValueError, match="needs a model.pt"):
+        load_predictor(ModelChoice(twin, "mse", "test"), "torch", exports)
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()}, pt)  # retrained
+    predictor, backend, why = load_predictor(choice, "auto", exports)
+    assert backend == "torch" and "dvc repro export" in why
+
+
+def test_whole_image_prediction_is_the_same_on_either_backend(exported):
+    from skimage.data import astronaut
+
+    from facemarks.predict import predict_image
+
+    model, path = exported["bce"]
+    box = (175.0, 76.0, 91.0, 91.0)  # dlib's box on the astronaut photo (tests/test_cli.py)
+    faces = {name: predict_image(net, astronaut(), "bce", box, size=SIZE, sigma=SIGMA, decoder="dark")
+             for name, net in (("torch", model), ("onnx", OnnxHeatmaps(path)))}
+    assert np.abs(faces["torch"][0]["points"] - faces["onnx"][0]["points"]).max() <= 1e-2
+    with pytest.raises(ValueError, match="exported for loss 'bce'"):
+        predict_image(OnnxHeatmaps(path), astronaut(), "mse", box, size=SIZE)

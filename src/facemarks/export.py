@@ -13,16 +13,16 @@ torch 2.14 still has the TorchScript exporter (``dynamo=False``) but warns that 
 ``torch.export`` one is the maintained path, declares the batch axis with ``torch.export.Dim`` and, with
 ``optimize=True``, folds every BatchNorm into the convolution before it (the model is exported in eval mode).
 Opset :data:`OPSET` (torch 2.14's default for this exporter; onnxruntime 1.32 runs it natively). The file is a single
-``.onnx`` (weights inline, no external data) carrying metadata ``loss``, ``input_size``, ``num_keypoints``, ``stride``.
+``.onnx`` (weights inline, no external data) carrying metadata ``loss``, ``input_size``, ``num_keypoints``, ``stride``
+and ``source_sha256`` (of the ``model.pt`` it was exported from).
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import logging
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,11 +60,13 @@ class HeatmapsModule(nn.Module):
         return outputs_to_heatmaps(self.model(images), self.loss)
 
 
-def export_onnx(model: HeatmapNet, loss: str, path: str | Path, input_size: int) -> Path:
+def export_onnx(model: HeatmapNet, loss: str, path: str | Path, input_size: int,
+                source: str | Path | None = None) -> Path:
     """Write ``model`` (trained with ``loss``, input side ``input_size``) to ``path`` as ONNX; returns ``path``.
 
     The model is exported in eval mode on the CPU (its own mode and device are restored); the file is checked with
-    ``onnx.checker`` and written atomically.
+    ``onnx.checker`` and written atomically. ``source``: the ``model.pt`` it came from, whose SHA-256 goes into the
+    metadata as ``source_sha256`` (``facemarks predict`` uses the ONNX twin only when it matches).
     """
     import onnx
 
@@ -86,6 +88,10 @@ def export_onnx(model: HeatmapNet, loss: str, path: str | Path, input_size: int)
         model.to(device).train(was_training)
     meta = {"loss": loss, "input_size": str(input_size), "num_keypoints": str(model.num_keypoints),
             "stride": str(STRIDE), "producer": f"facemarks / torch {torch.__version__.split('+')[0]}"}
+    if source is not None:
+        from facemarks.sources import file_sha256
+
+        meta["source_sha256"] = file_sha256(Path(source))
     del proto.metadata_props[:]
     for key, value in meta.items():
         proto.metadata_props.add(key=key, value=value)
@@ -149,19 +155,6 @@ def check_parity(result: dict[str, Any], name: str) -> None:
         raise ParityError(f"{name}: onnxruntime vs torch: max |heatmap diff| {result['max_abs_heatmap_diff']:.3g} "
                           f"(tolerance {HEATMAP_TOLERANCE:g}), max point diff {result['max_point_diff_px_any']:.3g} px "
                           f"with decoder {worst} (tolerance {POINT_TOLERANCE_PX:g} px)")
-
-
-def ms_per_face(predict: Callable[[np.ndarray], Any], images: np.ndarray, batch_size: int, repeats: int = 3) -> float:
-    """Milliseconds per face of ``predict(batch)`` over ``images`` in batches of ``batch_size``: one warm-up batch,
-    then the best of ``repeats`` passes (the pass least disturbed by other load on the machine)."""
-    predict(images[:batch_size])
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for i in range(0, len(images), batch_size):
-            predict(images[i:i + batch_size])
-        best = min(best, time.perf_counter() - start)
-    return 1000.0 * best / len(images)
 
 
 def log_onnx_mlflow(path: str | Path, input_size: int) -> str:

@@ -15,11 +15,21 @@ import torch
 
 from facemarks.codec import HeatmapCodec
 from facemarks.model import STRIDE, images_to_tensor, outputs_to_heatmaps
+from facemarks.runtime import OnnxHeatmaps
 
 @torch.inference_mode()
-def predict_heatmaps(model: torch.nn.Module, images: np.ndarray, loss: str, batch_size: int = 64,
+def predict_heatmaps(model: torch.nn.Module | OnnxHeatmaps, images: np.ndarray, loss: str, batch_size: int = 64,
                      device: str | torch.device = "cpu") -> np.ndarray:
-    """uint8 crops ``(N, S, S)`` → heatmaps float32 ``(N, K, S/4, S/4)`` in target units (sigmoid for ``bce``)."""
+    """uint8 crops ``(N, S, S)`` → heatmaps float32 ``(N, K, S/4, S/4)`` in target units (sigmoid for ``bce``).
+
+    ``model`` is a torch module, or an exported model on onnxruntime (:class:`facemarks.runtime.OnnxHeatmaps`: its
+    graph already ends in the ``bce`` sigmoid; ``device`` does not apply). Everything built on this function
+    (:func:`predict_crops`, :func:`time_per_face`, :mod:`facemarks.predict`) takes either.
+    """
+    if isinstance(model, OnnxHeatmaps):
+        if model.loss not in (None, loss):
+            raise ValueError(f"predict_heatmaps: {model.path} was exported for loss {model.loss!r}, not {loss!r}")
+        return model(images, batch_size)
     model.eval()
     out = []
     for i in range(0, len(images), batch_size):
@@ -35,15 +45,16 @@ def make_codec(input_size: int, sigma: float) -> HeatmapCodec:
     return HeatmapCodec(input_size, input_size // STRIDE, sigma)
 
 
-def predict_crops(model: torch.nn.Module, images: np.ndarray, loss: str, sigma: float, decoder: str = "subpixel",
-                  batch_size: int = 64, device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def predict_crops(model: torch.nn.Module | OnnxHeatmaps, images: np.ndarray, loss: str, sigma: float,
+                  decoder: str = "subpixel", batch_size: int = 64,
+                  device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """uint8 crops ``(N, S, S)`` → points ``(N, K, 2)`` crop px, confidence ``(N, K)``, heatmaps ``(N, K, h, w)``."""
     heat = predict_heatmaps(model, images, loss, batch_size, device)
     points, conf = make_codec(images.shape[-1], sigma).decode(heat, decoder)
     return np.asarray(points, np.float64), np.asarray(conf, np.float32), heat
 
 
-def time_per_face(model: torch.nn.Module, images: np.ndarray, loss: str, sigma: float, decoder: str,
+def time_per_face(model: torch.nn.Module | OnnxHeatmaps, images: np.ndarray, loss: str, sigma: float, decoder: str,
                   batch_size: int, device: str | torch.device = "cpu", repeats: int = 3) -> float:
     """Milliseconds per face of :func:`predict_crops` (forward + decode) at ``batch_size``: one warm-up batch, then
     the best of ``repeats`` passes over ``images`` (the least disturbed by other load on the machine)."""

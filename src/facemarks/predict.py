@@ -20,6 +20,7 @@ import torch
 from facemarks.detect import Detection, detect
 from facemarks.inference import predict_crops
 from facemarks.model import LOSSES
+from facemarks.runtime import OnnxHeatmaps
 
 DEFAULT_LOSS = "mse"  # used when metrics/eval.json names no winner
 
@@ -78,8 +79,43 @@ def best_decoder(loss: str, default: str, eval_json: str | Path = "metrics/eval.
     return default
 
 
-def predict_boxes(model: torch.nn.Module, image: np.ndarray, boxes: Sequence[Sequence[float]], loss: str, *, size: int,
-                  margin: float = 0.25, sigma: float = 1.5, decoder: str = "subpixel",
+BACKENDS = ("auto", "onnx", "torch")
+
+
+def load_predictor(choice: ModelChoice, backend: str = "auto",
+                   exports_dir: str | Path = "exports") -> tuple[torch.nn.Module | OnnxHeatmaps, str, str]:
+    """The model to predict with: ``(torch module or OnnxHeatmaps, backend "onnx" | "torch", why (one line))``.
+
+    ``choice.path`` may be a ``model.pt`` or an exported ``.onnx``. For a ``.pt``, ``onnx`` runs its exported twin
+    ``<exports_dir>/<loss>/model.onnx`` (stage ``export``); ``auto`` (the default) does so when the twin exists and
+    was exported from this very file (``source_sha256`` in its metadata), else runs the ``.pt`` on torch.
+    ``FileNotFoundError`` when the file the backend needs is missing.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"--backend {backend!r}: allowed {', '.join(BACKENDS)}")
+    if choice.path.suffix == ".onnx":
+        if backend == "torch":
+            raise ValueError(f"--backend torch needs a model.pt, got {choice.path}")
+        return OnnxHeatmaps(choice.path), "onnx", "an exported .onnx model"
+    twin = Path(exports_dir) / choice.loss / "model.onnx"
+    if backend == "onnx" or (backend == "auto" and twin.is_file()):
+        runtime = OnnxHeatmaps(twin)  # FileNotFoundError names `dvc repro export`
+        if backend == "onnx":
+            return runtime, "onnx", f"--backend onnx: {twin}"
+        from facemarks.sources import file_sha256
+
+        if choice.path.is_file() and runtime.metadata.get("source_sha256") == file_sha256(choice.path):
+            return runtime, "onnx", f"{twin}, exported from {choice.path}"
+        why = f"{twin} was not exported from {choice.path} (run: dvc repro export)"
+    else:
+        why = "no exported model" if backend == "auto" else "--backend torch"
+    from facemarks.model import load_model
+
+    return load_model(choice.path), "torch", why
+
+
+def predict_boxes(model: torch.nn.Module | OnnxHeatmaps, image: np.ndarray, boxes: Sequence[Sequence[float]],
+                  loss: str, *, size: int, margin: float = 0.25, sigma: float = 1.5, decoder: str = "subpixel",
                   device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """The faces in ``boxes`` ``(F, 4)`` of ``image`` (H, W[, 3]) uint8 → points ``(F, K, 2)`` image px, confidence
     ``(F, K)``: each face cropped with :func:`facemarks.augment.face_crop` at ``size`` with ``margin``, predicted in
@@ -93,8 +129,8 @@ def predict_boxes(model: torch.nn.Module, image: np.ndarray, boxes: Sequence[Seq
     return np.asarray(invert_points(points, np.stack(transforms)), np.float64), conf
 
 
-def predict_image(model: torch.nn.Module, image: np.ndarray, loss: str, box: tuple | None = None, *, size: int,
-                  margin: float = 0.25, sigma: float = 1.5, decoder: str = "subpixel",
+def predict_image(model: torch.nn.Module | OnnxHeatmaps, image: np.ndarray, loss: str, box: tuple | None = None, *,
+                  size: int, margin: float = 0.25, sigma: float = 1.5, decoder: str = "subpixel",
                   device: str | torch.device = "cpu", detector: str = "auto") -> list[dict[str, Any]]:
     """Predict every face of an image (or the one in ``box``): ``[{"box", "points" (K, 2) image px, "confidence"
     (K,), "detector", "score", "detector_box"}]``, best detection first; ``[]`` when no face is found.
