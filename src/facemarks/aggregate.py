@@ -203,7 +203,8 @@ def seeds_text(summary: list[dict[str, Any]], counts: dict[str, int] | None = No
                          + " ".join(f"{v:.3f}" for v in e["values"]))
         d = entry["delta"]
         ci = f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]" if math.isfinite(d["ci_low"]) else "(one seed: no interval)"
-        lines += [f"  paired BCE − MSE over seeds: {d['mean']:+.3f} NME points, sd {d['sd']:.3f}, "
+        sd = f"{d['sd']:.3f}" if math.isfinite(d["sd"]) else "—"
+        lines += [f"  paired BCE − MSE over seeds: {d['mean']:+.3f} NME points, sd {sd}, "
                   f"95 % t-interval {ci}"
                   + (f", ties {entry['wins']['tie']}" if entry["wins"]["tie"] else ""),
                   f"  verdict: {entry['verdict']}", ""]
