@@ -8,16 +8,19 @@ import numpy as np
 from facemarks import evaluation
 from facemarks.atomic import atomic_dir, atomic_write_json, atomic_write_text
 from facemarks.codec import DECODERS
+from facemarks.inference import time_per_face
 from facemarks.metrics import ced_csv
 from facemarks.model import LOSSES, load_model
 from facemarks.params import load_params
 from facemarks.runner import run
+from facemarks.runtime import OnnxHeatmaps
 from facemarks.stats import loss_comparison
 from facemarks.store import read_split
 from facemarks.timings import split_timings, write_timings
 
 # wall clock, per model row: timings/evaluate.json (untracked) and MLflow, not metrics/eval.json
-EVAL_TIMINGS = ("ms_per_face_b1", "ms_per_face_batched", "ms_per_face")
+EVAL_TIMINGS = ("ms_per_face_b1", "ms_per_face_batched", "ms_per_face",
+                "onnx_ms_per_face_b1", "onnx_ms_per_face_batched")
 from facemarks.train import resolve_device
 
 
@@ -42,6 +45,11 @@ def main() -> None:
         report[loss], out = evaluation.evaluate_loss(models[loss], test, loss, sigma, ev.threshold, ev.batch_size,
                                                      ev.speed_faces, device)
         arrays.update({f"{k}_{loss}": v for k, v in out.items()})
+        # the same crops and decoder on onnxruntime (stage export's file), timed next to torch (timings only)
+        onnx, best = OnnxHeatmaps(f"exports/{loss}/model.onnx"), report[loss]["best_decoder"]
+        timed = np.asarray(test.images[:ev.speed_faces])
+        report[loss].update(onnx_ms_per_face_b1=time_per_face(onnx, timed, loss, sigma, best, 1),
+                            onnx_ms_per_face_batched=time_per_face(onnx, timed, loss, sigma, best, ev.batch_size))
     report["mean_shape"], arrays["nme_mean_shape"] = evaluation.baseline_rows(train, test, ev.threshold)
     notice = peers_notice(ev.peers)
     if notice is None:
