@@ -127,7 +127,8 @@ def test_compare_prints_the_table_from_the_store(store, capsys):
     assert header[1:] == ["bce", "mse"]
     nme_row = next(line for line in out.splitlines() if line.startswith("test_nme "))
     assert nme_row.split()[1:] == ["5.2500", "6.5000"]
-    assert "winner (lowest test_nme): bce" in out
+    assert "lower test_nme in these two runs: bce (one seed each, no interval" in out and "winner" not in out
+    assert "no MSE/BCE pairs of evaluated train runs" in out  # these runs carry no evaluate_run tag
     assert cli.main(["compare", "--experiment", "nothing-here"]) == 1
 
 
