@@ -4,8 +4,6 @@ tagged dvc.stage/loss/seed/study/evaluate_run with their params, an evaluate run
 from __future__ import annotations
 
 import csv
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -124,11 +122,19 @@ def test_compare_prints_the_seed_aggregate(store, capsys):
     assert cli.main(["compare", "--experiment", "facemarks", "--study", "nothing"]) == 1
 
 
-def test_study_report_writes_table_csv_and_figure(store, tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "studies/study_report.py"), "--study", "s1", "--experiment",
-                           "facemarks", "--out", str(tmp_path / "study")], capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "src")})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def load_script(name: str):
+    """A script under studies/ as a module (its main() runs in this process, on the store of the fixture)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "studies" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_study_report_writes_table_csv_and_figure(store, tmp_path, capsys):
+    report = load_script("study_report")
+    assert report.main(["--study", "s1", "--experiment", "facemarks", "--out", str(tmp_path / "study")]) == 0
     md = (tmp_path / "study/table.md").read_text()
     assert "| 64 px (16×16 maps), 2+1 epochs | 3 | 5.200 ± 0.200 | 5.700 ± 0.265 |" in md
     assert "MSE better by 0.500 NME points" in md and "not distinguishable at this budget" in md
@@ -142,18 +148,14 @@ def test_study_report_writes_table_csv_and_figure(store, tmp_path):
 
     img = iio.imread(tmp_path / "study/nme_vs_budget.png")
     assert img.shape[0] > 100 and img[..., :3].std() > 5
-    empty = subprocess.run([sys.executable, str(ROOT / "studies/study_report.py"), "--study", "nothing", "--out",
-                            str(tmp_path / "none")], capture_output=True, text=True, timeout=300,
-                           env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "src")})
-    assert empty.returncode == 1 and "no evaluated MSE/BCE pairs tagged study=nothing" in empty.stderr
+    capsys.readouterr()
+    assert report.main(["--study", "nothing", "--out", str(tmp_path / "none")]) == 1
+    assert "no evaluated MSE/BCE pairs tagged study=nothing" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
 
 
 def test_budget_study_queues_budgets_times_seeds_then_starts_the_queue(capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("budget_study", ROOT / "studies/budget_study.py")
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    study = load_script("budget_study")
     assert study.main(["--study", "b1", "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
     queued = [line for line in lines if line.startswith("dvc exp run --queue")]
