@@ -198,3 +198,25 @@ def test_whole_image_prediction_is_the_same_on_either_backend(exported):
     assert np.abs(faces["torch"][0]["points"] - faces["onnx"][0]["points"]).max() <= 1e-2
     with pytest.raises(ValueError, match="exported for loss 'bce'"):
         predict_image(OnnxHeatmaps(path), astronaut(), "mse", box, size=SIZE)
+
+
+def test_cli_predict_runs_on_onnxruntime_by_default_when_the_export_matches(tmp_path, monkeypatch, exported, capsys):
+    from facemarks import cli
+
+    model = exported["mse"][0]
+    monkeypatch.chdir(tmp_path)
+    Path("models/mse").mkdir(parents=True)
+    torch.save(model.state_dict(), "models/mse/model.pt")
+    export.export_onnx(model, "mse", "exports/mse/model.onnx", SIZE, source="models/mse/model.pt")
+    docs = {}
+    for backend in ("auto", "torch"):
+        rc = cli.main(["predict", "--astronaut", "--box", "175,76,91,91", "--loss", "mse", "--backend", backend,
+                       "--no-overlay", "--out", backend, "--params", "absent.yaml", "--size", str(SIZE)])
+        assert rc == 0, capsys.readouterr().err
+        docs[backend] = json.loads(Path(backend, "astronaut.json").read_text())
+    assert docs["auto"]["backend"] == "onnx" and docs["torch"]["backend"] == "torch"
+    points = [np.asarray(docs[b]["faces"][0]["points"]) for b in ("auto", "torch")]
+    assert np.abs(points[0] - points[1]).max() <= 0.01
+    rc = cli.main(["predict", "--astronaut", "--loss", "mse", "--backend", "onnx", "--size", "32", "--params",
+                   "absent.yaml", "--no-overlay"])
+    assert rc == 2 and "takes 64 px" in capsys.readouterr().err

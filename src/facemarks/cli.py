@@ -1,7 +1,7 @@
 """``facemarks`` console script: ``predict``, ``compare``, ``preset``, ``ui``.
 
     facemarks predict IMAGE... [--model PATH] [--loss {mse,bce}] [--detector {auto,dlib,cascade}] [--box x,y,w,h]
-                               [--out DIR] [--no-overlay] [--astronaut]
+                               [--backend {auto,onnx,torch}] [--out DIR] [--no-overlay] [--astronaut]
     facemarks compare [--experiment NAME] [--study NAME]
     facemarks preset NAME [--params params.yaml]
     facemarks ui [--launch]
@@ -57,8 +57,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from facemarks.atomic import atomic_write_json
     from facemarks.detect import resolve
     from facemarks.io import read_image
-    from facemarks.model import load_model
-    from facemarks.predict import best_decoder, choose_model, face_to_json, predict_image
+    from facemarks.predict import best_decoder, choose_model, face_to_json, load_predictor, predict_image
 
     if not args.images and not args.astronaut:
         print("facemarks predict: give at least one IMAGE or --astronaut", file=sys.stderr)
@@ -78,7 +77,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     cfg = _defaults(args.params)
     size = args.size or cfg["size"]
     decoder = args.decoder or best_decoder(loss, cfg["decoder"])
-    model = load_model(model_path)
+    try:
+        model, backend, why = load_predictor(choice, args.backend)
+    except ValueError as exc:
+        print(f"facemarks predict: {exc}", file=sys.stderr)
+        return 2
+    if backend == "onnx":  # the exported graph fixes the input size
+        if args.size and args.size != model.input_size:
+            print(f"facemarks predict: --size {args.size}, but {model.path} takes {model.input_size} px",
+                  file=sys.stderr)
+            return 2
+        size = model.input_size
+    print(f"backend: {backend} ({why})")
     sources: list[tuple[str, Any]] = [(p, None) for p in args.images]
     if args.astronaut:
         from skimage.data import astronaut
@@ -95,7 +105,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             status = 1
             continue
         atomic_write_json(out / f"{stem}.json", {"image": str(name), "model": str(model_path), "loss": loss,
-                                                  "model_choice": choice.why, "decoder": decoder,
+                                                  "model_choice": choice.why, "backend": backend, "decoder": decoder,
                                                   "detector": detector, "faces": [face_to_json(f) for f in faces]})
         found = ", ".join(f"{f['detector']}" + ("" if f["score"] is None else f" {f['score']:.2f}") for f in faces)
         print(f"{name}: {len(faces)} face(s) [{found}] -> {out / stem}.json")
@@ -193,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="loss the model was trained with (default: the winner in metrics/eval.json, else mse)")
     p.add_argument("--detector", default="auto", choices=("auto", "dlib", "cascade"),
                    help="face detector (default auto: dlib's HOG detector when installed, else the cascade)")
+    p.add_argument("--backend", default="auto", choices=("auto", "onnx", "torch"),
+                   help="auto (default): onnxruntime with exports/<loss>/model.onnx when it was exported from the "
+                   "chosen model.pt, else torch")
     p.add_argument("--box", type=_box, help="face box x,y,w,h (px) instead of a detector")
     p.add_argument("--no-overlay", action="store_true", help="write only the JSON, no overlay PNG")
     p.add_argument("--out", default="predictions", help="output folder (default: predictions)")
