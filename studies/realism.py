@@ -56,10 +56,13 @@ def prepare(work: Path, overrides: list[str], code: Path = ROOT) -> dict:
     return doc
 
 
-def run_stages(work: Path, code: Path = ROOT) -> dict[str, float]:
+def run_stages(work: Path, code: Path = ROOT, data_only: bool = False) -> dict[str, float]:
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}", PYTHONPATH=str(code / "src"))
     seconds = {}
-    for cmd in [[sys.executable, f"stages/{s}.py"] for s in STAGES] + [[sys.executable, "stages/train.py", "--loss", "mse"]]:
+    cmds = [[sys.executable, "stages/download.py"]]
+    if not data_only:
+        cmds += [[sys.executable, f"stages/{s}.py"] for s in STAGES[1:]] + [[sys.executable, "stages/train.py", "--loss", "mse"]]
+    for cmd in cmds:
         t0 = time.perf_counter()
         subprocess.run(cmd, cwd=work, env=env, check=True)
         seconds[Path(cmd[1]).stem + ("@mse" if "--loss" in cmd else "")] = time.perf_counter() - t0
@@ -102,8 +105,14 @@ def measure(work: Path) -> dict:
             "dlib_detector_hit_rate": realism.get("detector_hit_rate"), "val_nme": train.get("best_val_nme")}
 
 
+def measure_data(work: Path) -> dict:
+    realism = json.loads((work / "metrics/realism.json").read_text())
+    return {"dlib_realism_nme": realism.get("dlib_nme_mean"), "dlib_detector_hit_rate": realism.get("detector_hit_rate")}
+
+
 def table() -> str:
     rows = [json.loads(p.read_text()) for p in sorted(ROWS.glob("*.json"), key=lambda p: p.stat().st_mtime)]
+    rows = [r for r in rows if "synthetic_test_nme" in r["measured"]]
     lines = ["| row | overrides | dlib NME on synthetic test % | dlib detects % | synthetic test NME % (MSE) | "
              "astronaut NME % | Grace Hopper NME % | generation faces/s |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -112,7 +121,15 @@ def table() -> str:
         lines.append(f"| {r['name']} | {' '.join(r['overrides']) or '(params.yaml)'} | {m['dlib_realism_nme']:.2f} | "
                      f"{100 * m['dlib_detector_hit_rate']:.1f} | {m['synthetic_test_nme']:.2f} | "
                      f"{real.get('astronaut', float('nan')):.2f} | {real.get('grace_hopper', float('nan')):.2f} | "
-                     f"{'' if speed is None else f'{speed:.1f}'} |")
+                     f"{'see below' if speed is None else f'{speed:.1f}'} |")
+    lines += ["", "Generator ablation (data only: one change left out of the shipped generator at a time; 300 test faces):",
+              "", "| row | overrides | dlib NME on synthetic test % | dlib detects % | download stage faces/s |",
+              "|---|---|---|---|---|"]
+    for r in (json.loads(p.read_text()) for p in sorted(ROWS.glob("*.json"), key=lambda p: p.stat().st_mtime)):
+        if "synthetic_test_nme" not in r["measured"]:
+            m = r["measured"]
+            lines.append(f"| {r['name']} | {' '.join(o for o in r['overrides'] if 'n_train=1' not in o) or '(params.yaml)'} "
+                         f"| {m['dlib_realism_nme']:.2f} | {100 * m['dlib_detector_hit_rate']:.1f} | {r['faces_per_s']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -121,12 +138,23 @@ def main() -> None:
     ap.add_argument("name", nargs="?")
     ap.add_argument("overrides", nargs="*", help="dotted.key=value (YAML value)")
     ap.add_argument("--table", action="store_true", help="only rebuild reports/realism/table.md")
+    ap.add_argument("--measure", type=Path, metavar="DIR",
+                    help="measure a folder where these stages already ran (e.g. a `dvc repro` of the default)")
+    ap.add_argument("--data-only", action="store_true",
+                    help="only generate the faces (1 train image + the test set) and score dlib realism + speed")
     ap.add_argument("--rev", help="run the stages of this git revision (e.g. the generator before a change); "
                                   "the measurement uses the current library")
     args = ap.parse_args()
     if not args.table:
         if not args.name:
             ap.error("a row name is required")
+        if args.measure:
+            row = {"name": args.name, "overrides": args.overrides, "measured": measure(args.measure.resolve()),
+                   "faces_per_s": None, "measured_dir": args.measure.name}
+            ROWS.mkdir(parents=True, exist_ok=True)
+            (ROWS / f"{args.name}.json").write_text(json.dumps(row, indent=1, sort_keys=True) + "\n")
+            print(table())
+            return
         work = ROOT / ".studies" / "realism" / args.name
         code = ROOT
         if args.rev:
@@ -136,9 +164,10 @@ def main() -> None:
                 archive = subprocess.run(["git", "archive", args.rev, "src", "stages", "params.yaml"], cwd=ROOT,
                                          check=True, capture_output=True).stdout
                 subprocess.run(["tar", "-x", "-C", str(code)], input=archive, check=True)
-        doc = prepare(work, args.overrides, code)
-        seconds = run_stages(work, code)
-        measured = measure(work)
+        overrides = args.overrides + (["data.synthetic.n_train=1"] if args.data_only else [])
+        doc = prepare(work, overrides, code)
+        seconds = run_stages(work, code, args.data_only)
+        measured = measure_data(work) if args.data_only else measure(work)
         syn = doc["data"]["synthetic"]
         row = {"name": args.name, "rev": args.rev, "overrides": args.overrides, "measured": measured,
                "stage_seconds": seconds,
