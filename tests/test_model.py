@@ -82,6 +82,23 @@ def test_pretrained_stem_is_rgb_average_times_three_and_backbone_kept(monkeypatc
     assert torch.equal(net.backbone[4][0].conv1.weight, ref.layer1[0].conv1.weight)  # not re-initialised
 
 
+def test_resnet18_matches_torchvision_draw_for_draw():
+    """facemarks' torchvision-free ResNet18: for the same seed, the same parameters, buffers and names as
+    torchvision's resnet18(weights=None), the same RNG state afterwards, and the same features."""
+    torch.manual_seed(7)
+    ours = M.ResNet18()
+    after_ours = torch.rand(3)
+    torch.manual_seed(7)
+    ref = _real_resnet18()
+    assert torch.equal(after_ours, torch.rand(3))
+    a, b = ours.state_dict(), ref.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.rand(2, 3, 64, 64)
+    stem = lambda n: n.layer4(n.layer3(n.layer2(n.layer1(n.maxpool(n.relu(n.bn1(n.conv1(x))))))))  # noqa: E731
+    with torch.no_grad():
+        assert torch.equal(stem(ours.eval()), stem(ref.eval()))
+
+
 def _real_resnet18():
     from torchvision.models import resnet18
 

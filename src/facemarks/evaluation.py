@@ -226,3 +226,137 @@ def log_eval_mlflow(report: dict[str, Any], losses: tuple[str, ...] = ("mse", "b
                        tags={"loss": loss, "evaluate_run": evaluate_run.info.run_id}):
             mlflow.log_metrics(metrics)
             mlflow.set_tag("test_best_decoder", r["best_decoder"])
+
+# ------------------------------------------------------------------------------------------------ face detection
+HIT_IOU = 0.7  # a true face is hit when its matched (mapped) detection has IoU >= 0.7
+FOUND_IOU = 0.5  # a detection matches a true face at IoU >= 0.5; an unmatched detection is a false positive
+
+
+def match_detections(true_boxes: np.ndarray, det_boxes: np.ndarray,
+                     min_iou: float = FOUND_IOU) -> tuple[np.ndarray, np.ndarray, int]:
+    """One-to-one greedy matching (highest IoU first) of true boxes ``(F, 4)`` and detections ``(D, 4)``.
+
+    Returns the matched detection per true face ``(F,)`` (-1: none with IoU ≥ ``min_iou``), its IoU ``(F,)`` (0 when
+    unmatched) and the number of false positives (detections matched to no true face).
+    """
+    from facemarks.io import box_iou
+
+    true_boxes, det_boxes = np.reshape(true_boxes, (-1, 4)), np.reshape(det_boxes, (-1, 4))
+    iou = np.array([[box_iou(t, d) for d in det_boxes] for t in true_boxes]).reshape(len(true_boxes), len(det_boxes))
+    match, match_iou, free = np.full(len(true_boxes), -1), np.zeros(len(true_boxes)), iou.copy()
+    while free.size and free.max() >= min_iou:
+        f, d = np.unravel_index(int(np.argmax(free)), free.shape)
+        match[f], match_iou[f] = d, iou[f, d]
+        free[f, :], free[:, d] = -1.0, -1.0
+    return match, match_iou, int(len(det_boxes) - (match >= 0).sum())
+
+
+def detection_row(true_boxes: list[np.ndarray], detections: list[list[Any]]) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """Quality of one detector over images: ``true_boxes[i] (F_i, 4)``, ``detections[i]`` its
+    :class:`facemarks.detect.Detection` list. Returns the row (``hit_rate`` at IoU ≥ :data:`HIT_IOU` after mapping,
+    ``found_rate`` at IoU ≥ :data:`FOUND_IOU`, ``fp_per_image``, ``mean_iou`` over true faces with 0 for a miss,
+    the same before mapping as ``*_raw``) and, per image, the matched mapped box per true face ``(F_i, 4)`` (NaN: none).
+    """
+    ious, ious_raw, fps, matched = [], [], 0, []
+    for boxes, dets in zip(true_boxes, detections):
+        mapped = np.array([d.box for d in dets], np.float64).reshape(-1, 4)
+        idx, iou, fp = match_detections(boxes, mapped)
+        ious.append(iou)
+        ious_raw.append(match_detections(boxes, np.array([d.raw_box for d in dets], np.float64).reshape(-1, 4))[1])
+        fps += fp
+        box = np.full((len(idx), 4), np.nan)
+        box[idx >= 0] = mapped[idx[idx >= 0]]
+        matched.append(box)
+    iou, iou_raw = np.concatenate(ious), np.concatenate(ious_raw)
+    row = {"n_images": len(true_boxes), "n_faces": int(len(iou)), "n_detections": int(sum(map(len, detections))),
+           "hit_rate": float(np.mean(iou >= HIT_IOU)), "found_rate": float(np.mean(iou >= FOUND_IOU)),
+           "fp_per_image": fps / max(len(true_boxes), 1), "mean_iou": float(np.mean(iou)),
+           "hit_rate_raw": float(np.mean(iou_raw >= HIT_IOU)), "mean_iou_raw": float(np.mean(iou_raw))}
+    return row, matched
+
+
+def astronaut_reference_box() -> tuple[np.ndarray, tuple[float, float, float, float]]:
+    """The astronaut photo and its reference face box in the training-box convention: there is no human markup, so
+    dlib's 68-point predictor (in dlib's own detector box) gives the points and :func:`facemarks.synthetic.face_box`
+    turns them into a box the way the training boxes are made. Needs the ``peers`` extra."""
+    from skimage.data import astronaut as load
+
+    from facemarks.detect import dlib_boxes
+    from facemarks.peers import Dlib68
+    from facemarks.synthetic import face_box
+
+    image = load()
+    found = dlib_boxes(image)
+    if not found:
+        raise RuntimeError("astronaut reference: dlib's detector finds no face on the astronaut photo")
+    return image, face_box(Dlib68().predict(image, found[0][0]))
+
+
+def detection_report(model: torch.nn.Module, loss: str, records: list, raw_dir: str, *, size: int, margin: float,
+                     sigma: float, decoder: str, max_images: int,
+                     use_peers: bool) -> tuple[dict[str, Any], dict[str, float]]:
+    """Face detection quality per detector (``dlib`` when it imports, ``cascade`` always) for ``metrics/detect.json``.
+
+    On the first ``max_images`` test images (``records``: :class:`facemarks.io.ImageRecord` of ``raw_dir/test.xml``):
+    :func:`detection_row` against the true boxes, plus ``nme_own_box`` / ``nme_true_box`` (mean inter-ocular NME, %)
+    of the model predicting from the detector's mapped box vs from the true box, on the faces the detector found
+    (IoU ≥ :data:`FOUND_IOU`), and ``nme_ratio`` = own / true. On the astronaut photo (``use_peers``: needs dlib's
+    68-point predictor for the reference box, :func:`astronaut_reference_box`): the same row without NME.
+    Returns the report and the detection wall-clock (``<detector>_ms_per_image``, for timings/MLflow only).
+    """
+    from pathlib import Path
+
+    from facemarks.detect import BOX_MAPPING, dlib_available, detect
+    from facemarks.io import read_image
+    from facemarks.metrics import nme, normaliser
+    from facemarks.predict import predict_many
+
+    detectors = ("dlib", "cascade") if dlib_available() else ("cascade",)
+    recs = list(records)[:max_images]
+    images = [read_image(Path(raw_dir) / r.file) for r in recs]
+    true_boxes = [np.array([f.box for f in r.faces], np.float64).reshape(-1, 4) for r in recs]
+    gt = [np.array([f.points for f in r.faces], np.float64).reshape(-1, 68, 2) for r in recs]
+    kw = dict(size=size, margin=margin, sigma=sigma, decoder=decoder)
+    pred_true = [p for p, _ in predict_many(model, list(zip(images, true_boxes)), loss, **kw)]
+    report: dict[str, Any] = {"hit_iou": HIT_IOU, "found_iou": FOUND_IOU, "loss": loss, "decoder": decoder,
+                              "mapping": {d: [m._asdict() for m in BOX_MAPPING[d]] for d in detectors}, "synthetic_test": {}}
+    timing: dict[str, float] = {}
+    for name in detectors:
+        found, seconds = [], 0.0
+        for im in images:
+            start = time.perf_counter()
+            found.append(detect(im, name))
+            seconds += time.perf_counter() - start
+        timing[f"{name}_ms_per_image"] = 1000.0 * seconds / max(len(images), 1)
+        row, matched = detection_row(true_boxes, found)
+        ok = [np.isfinite(boxes).all(1) for boxes in matched]  # per image, the true faces this detector found
+        own = [p for p, _ in predict_many(model, [(im, b[k]) for im, b, k in zip(images, matched, ok)], loss, **kw)]
+        true = [ref[k] for ref, k in zip(pred_true, ok)]
+        truth = [pts[k] for pts, k in zip(gt, ok)]
+        if sum(map(len, own)):
+            g = np.concatenate(truth)
+            norm, vis = normaliser(g, "io"), np.isfinite(g).all(-1)
+            own_nme = 100 * float(np.nanmean(nme(np.concatenate(own), g, norm, vis)))
+            true_nme = 100 * float(np.nanmean(nme(np.concatenate(true), g, norm, vis)))
+            row.update(n_nme_faces=int(len(g)), nme_own_box=own_nme, nme_true_box=true_nme,
+                       nme_ratio=own_nme / max(true_nme, 1e-9))
+        report["synthetic_test"][name] = row
+    if use_peers:
+        image, ref_box = astronaut_reference_box()
+        report["astronaut"] = {"reference_box": [float(v) for v in ref_box]}
+        for name in detectors:
+            report["astronaut"][name] = detection_row([np.array([ref_box], np.float64)], [detect(image, name)])[0]
+    else:
+        report["astronaut"] = {"skipped": "the reference box needs dlib's 68-point predictor (peers extra)"}
+    return report, timing
+
+
+def log_detect_mlflow(report: dict[str, Any], timing: dict[str, float]) -> None:
+    """Every number of ``metrics/detect.json`` (as ``detect.<path>``) and the detection timings (``detect.<name>``)
+    into a ``detect`` run of the evaluate stage."""
+    import mlflow
+
+    from facemarks.tracking import numeric_leaves, start_run
+
+    with start_run("evaluate", "detect"):
+        mlflow.log_metrics({**numeric_leaves(report, "detect"), **{f"detect.{k}": v for k, v in timing.items()}})

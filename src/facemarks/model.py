@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torchvision.models import ResNet18_Weights, resnet18
 
 LOSSES = ("mse", "bce")
 STRIDE = 4  # input pixels per heatmap cell
@@ -25,6 +24,67 @@ GREY_MEAN = 0.449
 GREY_STD = 0.226
 
 log = logging.getLogger("facemarks.model")
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet ``BasicBlock`` (same submodule names, order and arithmetic)."""
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        out += x if self.downsample is None else self.downsample(x)
+        return self.relu(out)
+
+
+class ResNet18(nn.Module):
+    """``torchvision.models.resnet18(weights=None)`` rebuilt without importing torchvision (its import pulls in
+    ``torch._dynamo``: about 1.5 s CPU of ``facemarks predict``'s start). Same modules, parameter names, construction
+    order and initialisation, hence the same random draws and weights for a given seed (``tests/test_model.py``).
+    Only the parts :class:`HeatmapNet` uses are called; ``avgpool`` / ``fc`` exist to keep the draws identical."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inplanes = 64
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(64, 1)
+        self.layer2 = self._make_layer(128, 2)
+        self.layer3 = self._make_layer(256, 2)
+        self.layer4 = self._make_layer(512, 2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(512, 1000)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+
+    def _make_layer(self, planes: int, stride: int) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes:
+            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes, kernel_size=1, stride=stride, bias=False),
+                                       nn.BatchNorm2d(planes))
+        first = BasicBlock(self.inplanes, planes, stride, downsample)
+        self.inplanes = planes
+        return nn.Sequential(first, BasicBlock(planes, planes))
+
+
+def resnet18(weights=None) -> nn.Module:
+    """torchvision's ``resnet18`` (imported here, on first use: only the ImageNet weights path needs torchvision)."""
+    from torchvision.models import resnet18 as tv_resnet18
+
+    return tv_resnet18(weights=weights)
 
 
 class HeatmapNet(nn.Module):
@@ -42,7 +102,7 @@ class HeatmapNet(nn.Module):
             raise ValueError(f"HeatmapNet: head_width must be >= 1, got {head_width}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"HeatmapNet: dropout must be in [0, 1), got {dropout}")
-        net = resnet18(weights=None)
+        net = ResNet18()
         net.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.backbone = nn.Sequential(
             net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4
@@ -122,6 +182,8 @@ def load_imagenet_backbone(model: HeatmapNet) -> bool:
     image then gives the same first-layer response as a grey image copied to R, G and B.
     """
     try:
+        from torchvision.models import ResNet18_Weights
+
         ref = resnet18(weights=ResNet18_Weights.IMAGENET1K_V1)
     except Exception as err:  # offline: URLError / OSError / RuntimeError from the hub download
         reason = " ".join(f"{type(err).__name__}: {err}".split())[:200]

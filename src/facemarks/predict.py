@@ -118,15 +118,32 @@ def predict_boxes(model: torch.nn.Module | OnnxHeatmaps, image: np.ndarray, boxe
                   loss: str, *, size: int, margin: float = 0.25, sigma: float = 1.5, decoder: str = "subpixel",
                   device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """The faces in ``boxes`` ``(F, 4)`` of ``image`` (H, W[, 3]) uint8 → points ``(F, K, 2)`` image px, confidence
-    ``(F, K)``: each face cropped with :func:`facemarks.augment.face_crop` at ``size`` with ``margin``, predicted in
-    one batch, points mapped back with :func:`facemarks.augment.invert_points`."""
+    ``(F, K)`` (:func:`predict_many` for one image)."""
+    return predict_many(model, [(image, boxes)], loss, size=size, margin=margin, sigma=sigma, decoder=decoder,
+                        device=device)[0]
+
+
+def predict_many(model: torch.nn.Module | OnnxHeatmaps, items: Sequence[tuple[np.ndarray, Sequence[Sequence[float]]]],
+                 loss: str, *, size: int, margin: float = 0.25, sigma: float = 1.5, decoder: str = "subpixel", batch_size: int = 64,
+                 device: str | torch.device = "cpu") -> list[tuple[np.ndarray, np.ndarray]]:
+    """``items``: ``(image, boxes (F_i, 4))`` pairs → per item, points ``(F_i, K, 2)`` image px and confidence
+    ``(F_i, K)``. Each face is cropped with :func:`facemarks.augment.face_crop` at ``size`` with ``margin``, all crops
+    are predicted in batches of ``batch_size``, and points are mapped back with :func:`facemarks.augment.invert_points`."""
     from facemarks.augment import face_crop, invert_points
 
-    if len(boxes) == 0:
-        return np.zeros((0, 68, 2)), np.zeros((0, 68), np.float32)
-    crops, transforms = zip(*(face_crop(image, tuple(float(v) for v in b), size, margin) for b in boxes))
-    points, conf, _ = predict_crops(model, np.stack(crops), loss, sigma, decoder, len(crops), device)
-    return np.asarray(invert_points(points, np.stack(transforms)), np.float64), conf
+    crops, transforms, counts = [], [], []
+    for image, boxes in items:
+        for b in boxes:
+            crop, T = face_crop(image, tuple(float(v) for v in b), size, margin)
+            crops.append(crop)
+            transforms.append(T)
+        counts.append(len(boxes))
+    if not crops:
+        return [(np.zeros((0, 68, 2)), np.zeros((0, 68), np.float32)) for _ in counts]
+    points, conf, _ = predict_crops(model, np.stack(crops), loss, sigma, decoder, batch_size, device)
+    points = np.asarray(invert_points(points, np.stack(transforms)), np.float64)
+    ends = np.cumsum(counts)
+    return [(points[e - n:e], conf[e - n:e]) for n, e in zip(counts, ends)]
 
 
 def predict_image(model: torch.nn.Module | OnnxHeatmaps, image: np.ndarray, loss: str, box: tuple | None = None, *,
