@@ -1,6 +1,7 @@
 """Stage evaluate: score models/{mse,bce} on data/augmented/test (every decoder, original px) against the mean shape
 and dlib; write metrics/eval.json, metrics/ced.csv, data/eval/predictions.npz and timings/evaluate.json (ms per face,
-untracked); log test_* metrics to each train run."""
+untracked); log test_* metrics to each train run. Face detectors on the test images and the astronaut:
+metrics/detect.json (quality), timings/detect.json (ms per image)."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,9 +10,11 @@ from facemarks import evaluation
 from facemarks.atomic import atomic_dir, atomic_write_json, atomic_write_text
 from facemarks.codec import DECODERS
 from facemarks.inference import time_per_face
+from facemarks.io import read_dlib_xml
 from facemarks.metrics import ced_csv
 from facemarks.model import LOSSES, load_model
 from facemarks.params import load_params
+from facemarks.predict import DEFAULT_LOSS
 from facemarks.runner import run
 from facemarks.runtime import OnnxHeatmaps
 from facemarks.stats import loss_comparison
@@ -70,6 +73,20 @@ def main() -> None:
         models[leader], leader, size=int(test.meta["size"]), margin=float(meta_aug.get("margin", 0.25)), sigma=sigma,
         decoder=report[leader]["best_decoder"], use_dlib=notice is None)
     arrays.update(astro)
+
+    # face detection quality per detector (metrics/detect.json), with the model `facemarks predict` uses by default
+    chosen = report["winner"] or DEFAULT_LOSS
+    detection, detect_timing = evaluation.detection_report(
+        models[chosen], chosen, read_dlib_xml("data/raw/test.xml"), "data/raw", size=int(test.meta["size"]),
+        margin=float(meta_aug.get("margin", 0.25)), sigma=sigma, decoder=report[chosen]["best_decoder"],
+        max_images=ev.detect_images, use_peers=notice is None)
+    atomic_write_json("metrics/detect.json", detection)
+    write_timings("detect", detect_timing)
+    evaluation.log_detect_mlflow(detection, detect_timing)
+    for name, row in detection["synthetic_test"].items():
+        print(f"evaluate: detector {name:8s} hits {row['hit_rate']:.3f} (IoU >= {detection['hit_iou']}), FP/image "
+              f"{row['fp_per_image']:.3f}, mean IoU {row['mean_iou']:.3f}; NME own / true box "
+              f"{row.get('nme_own_box', float('nan')):.2f} / {row.get('nme_true_box', float('nan')):.2f} %")
 
     errors = {name: arrays[f"nme_{name}"] for name in (*LOSSES, "dlib68") if f"nme_{name}" in arrays}
     with atomic_dir("data/eval") as tmp:

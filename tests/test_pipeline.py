@@ -237,3 +237,5 @@ def test_evaluate_runs_without_the_peers_extra(tiny_repo, tmp_path):
     notices = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "dlib" in ln.lower()]
     assert len(notices) == 1, notices
     assert "dlib68" not in (repo / "metrics/ced.csv").read_text().splitlines()[0]
+    detect = json.loads((repo / "metrics/detect.json").read_text())  # the detection rows fall back to the cascade
+    assert set(detect["synthetic_test"]) == {"cascade"} and "skipped" in detect["astronaut"]
