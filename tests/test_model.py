@@ -99,6 +99,21 @@ def test_resnet18_matches_torchvision_draw_for_draw():
         assert torch.equal(stem(ours.eval()), stem(ref.eval()))
 
 
+def test_load_model_restores_the_saved_network(tmp_path):
+    torch.manual_seed(3)
+    net = M.build_model(68, head_width=16, dropout=0.1)
+    with torch.no_grad():
+        net(torch.rand(4, 1, 64, 64))  # BatchNorm running statistics move away from their init
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    loaded = M.load_model(tmp_path / "model.pt")
+    saved, got = net.state_dict(), loaded.state_dict()
+    assert list(saved) == list(got) and all(torch.equal(saved[k], got[k]) for k in saved)
+    assert not loaded.training and all(p.device.type == "cpu" for p in loaded.parameters())
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), net.eval()(x))
+
+
 def _real_resnet18():
     from torchvision.models import resnet18
 
