@@ -96,11 +96,48 @@ def main() -> None:
     atomic_write_json("metrics/eval.json", quality)
     write_timings("evaluate", timing)
     evaluation.log_eval_mlflow(report, LOSSES)
+    register_winner(quality)
     for name in (*LOSSES, "mean_shape", "dlib68"):
         if name in report:
             r = report[name]
             print(f"evaluate: {name:10s} NME {r['nme_io']:.3f}% (io)  AUC {r['auc']:.3f}  FR {r['fr']:.3f}")
     print(f"evaluate: {report['comparison']['verdict']}; astronaut {report['astronaut']}")
+
+
+def register_winner(report: dict) -> None:
+    """Register the evaluated winner (MSE when the comparison names none) as a new version of ``facemarks``: the model
+    that the train run tagged with ``models/<loss>/model.pt``'s md5 logged. ``dvc repro`` moves the alias
+    ``champion`` to it; a DVC experiment (``dvc exp run``, the queue) only registers its version, tagged with its
+    name, and leaves ``champion`` alone. Tags the evaluate run with the md5 of ``metrics/eval.json`` (the plot stage
+    logs the figures to that run). Without that train run in the store (another store, a deleted run) it says so in
+    one line and registers nothing."""
+    import os
+
+    from facemarks import tracking
+
+    loss = report.get("winner") or "mse"
+    experiment = os.environ.get("DVC_EXP_NAME", "")
+    eval_run = tracking.opened_run_id("evaluate")
+    client_tags = {tracking.EVAL_HASH_TAG: tracking.file_md5("metrics/eval.json")}
+    train_run = tracking.find_run({tracking.MODEL_HASH_TAG: tracking.file_md5(f"models/{loss}/model.pt")})
+    if train_run is None:
+        print(f"evaluate: not registered: no MLflow train run logged models/{loss}/model.pt "
+              f"in {tracking.tracking_uri()}")
+    else:
+        version = tracking.register_champion(train_run, tags={
+            "loss": loss, "decoder": report[loss]["best_decoder"], "test_nme": f"{report[loss]['nme_io']:.4f}",
+            "winner": str(report.get("winner")), tracking.PIPELINE_TAG: tracking.pipeline_id(),
+            **({"dvc.exp_name": experiment} if experiment else {})},
+            alias=None if experiment else tracking.CHAMPION_ALIAS)
+        client_tags["registered"] = f"{version.name}/{version.version}"
+        where = f"experiment {experiment}: champion unchanged" if experiment else f"@{tracking.CHAMPION_ALIAS}"
+        print(f"evaluate: registered {loss} as models:/{version.name}/{version.version} ({where}; run {train_run})")
+    if eval_run is not None:
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking.tracking_uri())
+        for key, value in client_tags.items():
+            client.set_tag(eval_run, key, value)
 
 
 if __name__ == "__main__":

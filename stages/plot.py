@@ -1,5 +1,6 @@
 """Stage plot: report figures and summary for MSE vs BCE into reports/eval/ (keypoints, heatmaps, best/worst,
-per-region NME, astronaut overlay, README.md), logged to MLflow as artifacts of a `plot` run."""
+per-region NME, astronaut overlay, README.md), logged to MLflow as artifacts of the `evaluate` run that wrote
+metrics/eval.json (into the `plot` run itself when the store has none)."""
 from __future__ import annotations
 
 import json
@@ -67,10 +68,27 @@ def astronaut(report: dict, pred: dict):
                                   info.get("nme_vs_dlib"))
 
 
+def evaluate_run() -> str | None:
+    """The MLflow evaluate run that wrote this ``metrics/eval.json`` (its ``facemarks.eval_md5`` tag): the figures go
+    there, beside the numbers they show; None when the store has no such run."""
+    from facemarks.tracking import EVAL_HASH_TAG, file_md5, find_run
+
+    return find_run({EVAL_HASH_TAG: file_md5("metrics/eval.json")})
+
+
 def active_log_artifacts(folder: Path) -> None:
+    """The figures go to the evaluate run (:func:`evaluate_run`), tagged ``evaluate_run`` on the active plot run;
+    into the plot run itself only when the store has no such evaluate run."""
     import mlflow
 
-    mlflow.log_artifacts(str(folder), artifact_path="reports/eval")
+    from facemarks.tracking import tracking_uri
+
+    target = evaluate_run()
+    if target is None:
+        mlflow.log_artifacts(str(folder), artifact_path="reports/eval")
+    else:
+        mlflow.MlflowClient(tracking_uri()).log_artifacts(target, str(folder), artifact_path="reports/eval")
+        mlflow.set_tag("evaluate_run", target)
 
 
 if __name__ == "__main__":

@@ -71,3 +71,76 @@ def tiny_repo(tmp_path_factory) -> Path:
     (repo / ".first_repro.log").write_text(proc.stdout + proc.stderr)
     shutil.copytree(repo / "metrics", tmp_path_factory.getbasetemp() / "first_metrics")
     return repo
+
+
+# ------------------------------------------------------------------------------------------------ a team's setup
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> str:
+    """A real ``mlflow server`` on a free loopback port (SQLite backend, served artifacts) for the session; its whole
+    process group is stopped at the end, also when a test failed."""
+    import signal
+    import time
+    import urllib.request
+
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+           "--serve-artifacts", "--artifacts-destination", str(root / "artifacts")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no background job workers (GenAI jobs): 2 cores are shared
+    with open(root / "server.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=5) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server did not come up:\n{(root / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+            if proc.poll() is not None:
+                break
+            os.killpg(proc.pid, sig)
+            try:
+                proc.wait(wait)
+            except subprocess.TimeoutExpired:
+                continue
+
+
+def run_logged(repo: Path, *cmd: str, uri: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
+    """:func:`sh` with the stages logging to the MLflow server at ``uri``."""
+    env = pipeline_env(repo)
+    env["MLFLOW_TRACKING_URI"] = uri
+    proc = subprocess.run(list(cmd), cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-5000:]}\n"
+                             f"--- stderr\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def team_repo(tmp_path_factory, mlflow_server) -> Path:
+    """A second tiny-preset repo where ``dvc repro`` ran once, logging to :func:`mlflow_server`, committed as a
+    colleague would. It is also the second reproduction that the determinism test compares with ``tiny_repo``."""
+    repo = make_repo(tmp_path_factory.mktemp("team"))
+    run_logged(repo, *DVC, "repro", uri=mlflow_server)
+    run_logged(repo, "git", "add", "-A", uri=mlflow_server)
+    run_logged(repo, "git", "commit", "-qm", "tiny reproduction", uri=mlflow_server)
+    return repo

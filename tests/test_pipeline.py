@@ -180,15 +180,13 @@ def _keys(obj, prefix=""):
             yield from _keys(v, f"{prefix}{k}.")
 
 
-def test_same_params_and_seed_give_identical_metrics_and_an_empty_metrics_diff(tiny_repo, tmp_path,
+def test_same_params_and_seed_give_identical_metrics_and_an_empty_metrics_diff(tiny_repo, team_repo, tmp_path,
                                                                              tmp_path_factory):
-    """Two reproductions of one commit (in two directories) write byte-identical DVC metrics and plots files:
-    ``dvc metrics diff`` between them is empty; the timings went to the untracked timings/ files instead."""
-    from conftest import make_repo
-
+    """Two reproductions of one commit (in two directories, one logging to SQLite, one to an MLflow server) write
+    byte-identical DVC metrics and plots files: ``dvc metrics diff`` between them is empty; the timings went to the
+    untracked timings/ files instead."""
     first = tmp_path_factory.getbasetemp() / "first_metrics"  # snapshot of tiny_repo's first run
-    again = make_repo(tmp_path / "again")
-    sh(again, *DVC, "repro")
+    again = team_repo  # conftest: the same project files, reproduced in another directory (shared with test_team.py)
     names = sorted(p.name for p in first.iterdir())
     assert names == sorted(p.name for p in (again / "metrics").iterdir())
     differ = [n for n in names if (first / n).read_bytes() != (again / "metrics" / n).read_bytes()]
@@ -200,12 +198,12 @@ def test_same_params_and_seed_give_identical_metrics_and_an_empty_metrics_diff(t
         else:
             header = (first / name).read_text().splitlines()[0].split(",")
             assert not [c for c in header if VOLATILE.search(c)], f"metrics/{name} columns: {header}"
-    # the diff as DVC sees it: commit this reproduction, put the other one's files in the workspace
-    sh(again, "git", "add", "-A")
-    sh(again, "git", "commit", "-qm", "second reproduction")
+    # the diff as DVC sees it: a clone holds the second reproduction committed, the first one's files in its workspace
+    clone = tmp_path / "diff"
+    sh(tmp_path, "git", "clone", "-q", str(again), str(clone))
     for name in names:
-        (again / "metrics" / name).write_bytes((first / name).read_bytes())
-    diff = json.loads(sh(again, *DVC, "metrics", "diff", "--json").stdout or "{}")
+        (clone / "metrics" / name).write_bytes((first / name).read_bytes())
+    diff = json.loads(sh(clone, *DVC, "metrics", "diff", "--json").stdout or "{}")
     assert not any(diff.values()), diff
     # the timings are still measured, apart from the metrics
     for stage in ("augment", "train_mse", "train_bce", "evaluate"):

@@ -62,23 +62,35 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not args.images and not args.astronaut:
         print("facemarks predict: give at least one IMAGE or --astronaut", file=sys.stderr)
         return 2
+    registered = None
+    if args.model and args.model.startswith("models:/"):  # the Model Registry: MLflow is imported on this path only
+        from facemarks.predict import ModelChoice
+        from facemarks.tracking import load_registered_model
+
+        registered = load_registered_model(args.model)
     try:
-        choice = choose_model(args.loss, args.model)
+        choice = (ModelChoice(Path(args.model), registered.loss, f"Model Registry version {registered.version}")
+                  if registered else choose_model(args.loss, args.model))
     except ValueError as exc:
         print(f"facemarks predict: {exc}", file=sys.stderr)
         return 2
     model_path, loss = choice.path, choice.loss
-    if not model_path.is_file():
+    if registered is None and not model_path.is_file():
         print(f"facemarks predict: model file {model_path} not found (train first: dvc repro, or pass --model)",
               file=sys.stderr)
         return 1
     detector = resolve(args.detector) if args.box is None else "given"
     print(f"model: {model_path} ({loss}; {choice.why}); faces: {'--box' if args.box else detector}")
     cfg = _defaults(args.params)
+    if registered is not None:  # how the registered model was trained, not this folder's params.yaml
+        cfg.update(size=registered.input_size, sigma=registered.sigma)
     size = args.size or cfg["size"]
-    decoder = args.decoder or best_decoder(loss, cfg["decoder"])
+    decoder = args.decoder or (registered.decoder if registered else best_decoder(loss, cfg["decoder"]))
     try:
-        model, backend, why = load_predictor(choice, args.backend)
+        if registered is not None:
+            model, backend, why = registered.model, "torch", "a registered PyTorch model"
+        else:
+            model, backend, why = load_predictor(choice, args.backend)
     except ValueError as exc:
         print(f"facemarks predict: {exc}", file=sys.stderr)
         return 2
@@ -198,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("predict", parents=[common], help="predict 68 points on images (JSON + overlay PNG)")
     p.add_argument("images", nargs="*", metavar="IMAGE")
-    p.add_argument("--model", help="model.pt (default: models/<loss>/model.pt)")
+    p.add_argument("--model", help="model.pt, or a registered model such as models:/facemarks@champion "
+                   "(default: models/<loss>/model.pt)")
     p.add_argument("--loss", choices=("mse", "bce"),
                    help="loss the model was trained with (default: the winner in metrics/eval.json, else mse)")
     p.add_argument("--detector", default="auto", choices=("auto", "dlib", "cascade"),

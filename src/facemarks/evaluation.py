@@ -96,8 +96,9 @@ def astronaut(model: torch.nn.Module, loss: str, *, size: int, margin: float, si
 
 
 def train_run_id(loss: str, metrics_dir: str = "metrics", experiment: str | None = None) -> str | None:
-    """The MLflow run of ``train@<loss>``: the ``run_id`` in ``metrics/train_<loss>.json`` when the store has it,
-    else the latest run tagged ``loss = <loss>`` and ``dvc.stage = train``; None if neither exists."""
+    """The MLflow run of ``train@<loss>``: the ``run_id`` in ``metrics/train_<loss>.json`` when the store has it
+    (older outputs), else the run tagged ``facemarks.model_md5`` = md5 of ``models/<loss>/model.pt`` beside
+    ``metrics_dir``, else the latest run tagged ``loss = <loss>`` and ``dvc.stage = train``; None if none exists."""
     import json
     from pathlib import Path
 
@@ -115,6 +116,14 @@ def train_run_id(loss: str, metrics_dir: str = "metrics", experiment: str | None
             except mlflow.exceptions.MlflowException:
                 pass
     exps = [e.experiment_id for e in client.search_experiments() if experiment in (None, e.name)]
+    model = Path(metrics_dir).parent / "models" / loss / "model.pt"
+    if exps and model.is_file():  # the run that wrote this very file: exact, also on a server the team shares
+        from facemarks.tracking import MODEL_HASH_TAG, file_md5
+
+        hit = client.search_runs(exps, f"tags.`{MODEL_HASH_TAG}` = '{file_md5(model)}'",
+                                 order_by=["attributes.start_time DESC"], max_results=1)
+        if hit:
+            return hit[0].info.run_id
     runs = client.search_runs(exps, f"tags.loss = '{loss}' and tags.`dvc.stage` LIKE 'train%'",
                               order_by=["attributes.start_time DESC"], max_results=1) if exps else []
     return runs[0].info.run_id if runs else None

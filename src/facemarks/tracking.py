@@ -12,12 +12,22 @@ import numbers
 import os
 import subprocess
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from facemarks.params import flatten
 
 STORE_NAME = "mlflow.db"
+# What a team sees in the MLflow UI (README "Working as a team"):
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI opens on the training runs
+PIPELINE_TAG = "facemarks.pipeline_id"  # shared by the stage runs of one reproduction (:func:`pipeline_id`)
+PIPELINE_ENV = "FACEMARKS_PIPELINE_ID"  # set it to force one id (a driver script, a multi-node launch)
+MODEL_HASH_TAG = "facemarks.model_md5"  # on a train run: md5 of the model.pt it wrote (finds "the run of this file")
+EVAL_HASH_TAG = "facemarks.eval_md5"  # on the evaluate run: md5 of the metrics/eval.json it wrote
+REGISTERED_MODEL = "facemarks"  # Model Registry name of the evaluated winner ...
+CHAMPION_ALIAS = "champion"  # ... and its alias: models:/facemarks@champion
+_OPENED: dict[str, str] = {}  # run name -> id of the run :func:`start_run` last opened in this process
 
 
 def numeric_leaves(report: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -60,6 +70,7 @@ def context_tags(stage: str) -> dict[str, str]:
     exp = os.environ.get("DVC_EXP_NAME")
     if exp:
         tags["dvc.exp_name"] = exp
+    tags[PIPELINE_TAG] = pipeline_id()
     study = _study_from_params()
     if study:
         tags["study"] = study  # base.study: groups the runs of a seed / budget study (studies/)
@@ -91,8 +102,12 @@ def start_run(stage: str, run_name: str, params: dict[str, Any] | None = None, t
     if run_id is None:
         if experiment is None:
             experiment = _experiment_from_params()
-        mlflow.set_experiment(experiment)
+        exp = mlflow.set_experiment(experiment)
+        for key, value in EXPERIMENT_KIND.items():
+            if exp.tags.get(key) != value:
+                mlflow.set_experiment_tag(key, value)
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name) as run:
+        _OPENED[run_name] = run.info.run_id
         all_tags = context_tags(stage) if run_id is None else {}
         all_tags.update(tags or {})
         if all_tags:
@@ -102,6 +117,142 @@ def start_run(stage: str, run_name: str, params: dict[str, Any] | None = None, t
             existing = run.data.params
             mlflow.log_params({k: v for k, v in flat.items() if k not in existing})
         yield run
+
+
+def pipeline_id(root: str | Path | None = None) -> str:
+    """The id every stage run of one reproduction shares (tag :data:`PIPELINE_TAG`): 12 hex digits of the SHA-256 of
+    the git commit (``DVC_EXP_BASELINE_REV`` inside ``dvc exp run``), the DVC experiment name (``DVC_EXP_NAME``, empty
+    for ``dvc repro``) and the parsed ``params.yaml`` of ``root`` (default: ``DVC_ROOT``, else the current directory).
+
+    Stages run as separate processes and DVC hands them no id of the invocation, so the id is derived from what
+    every stage of one reproduction sees alike; ``$FACEMARKS_PIPELINE_ID`` overrides it. Limits: two ``dvc repro``
+    of the same commit and params share the id (they give the same metrics; the runs' start times tell them apart);
+    uncommitted code edits do not change it; a stage rerun alone after a params edit gets a new id, while the stages
+    DVC skipped keep their runs under the old one.
+    """
+    forced = os.environ.get(PIPELINE_ENV)
+    if forced:
+        return forced
+    import hashlib
+    import json
+
+    import yaml
+
+    base = Path(root or os.environ.get("DVC_ROOT") or os.getcwd())
+    try:
+        params = yaml.safe_load((base / "params.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        params = None
+    commit = os.environ.get("DVC_EXP_BASELINE_REV") or git_commit(base)
+    key = json.dumps([commit, os.environ.get("DVC_EXP_NAME", ""), params], sort_keys=True, default=str)
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def opened_run_id(run_name: str) -> str | None:
+    """The id of the run named ``run_name`` that :func:`start_run` last opened in this process, or None."""
+    return _OPENED.get(run_name)
+
+
+def file_md5(path: str | Path) -> str:
+    """MD5 hex digest of a file's bytes (the hash DVC records in ``dvc.lock``)."""
+    import hashlib
+
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def find_run(tags: dict[str, str], experiment: str | None = None) -> str | None:
+    """The latest run (of ``experiment``, default ``base.experiment``) carrying all ``tags``; None when none does."""
+    _quiet_mlflow()
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri())
+    exp = client.get_experiment_by_name(experiment or _experiment_from_params())
+    if exp is None:
+        return None
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = client.search_runs([exp.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def register_champion(run_id: str, tags: dict[str, str] | None = None, name: str = REGISTERED_MODEL,
+                      alias: str | None = CHAMPION_ALIAS, model_name: str = "model") -> Any:
+    """Register the PyTorch model (``model_name``, as :func:`facemarks.train.log_mlflow` names it) logged by train run
+    ``run_id`` as a new version of ``name`` and point ``alias`` at it (None: leave the aliases alone).
+
+    ``tags`` go on the model version (the evaluate stage puts the loss, the best decoder and the test NME there).
+    Returns the ``ModelVersion``.
+    """
+    _quiet_mlflow()
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    client = mlflow.MlflowClient(tracking_uri())
+    run = client.get_run(run_id)
+    logged = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
+                                         filter_string=f"source_run_id = '{run_id}'")
+    logged = [m for m in logged if m.name == model_name]  # not the ONNX export the run may also carry
+    if not logged:
+        raise RuntimeError(f"MLflow run {run_id} has no logged model {model_name!r} to register")
+    latest = max(logged, key=lambda m: m.creation_timestamp)
+    version = mlflow.register_model(f"models:/{latest.model_id}", name, tags=tags)
+    if alias:
+        client.set_registered_model_alias(name, alias, version.version)
+    return version
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    """What ``facemarks predict`` needs from the Model Registry: the network and how it was trained."""
+
+    model: Any  # facemarks.model.HeatmapNet in eval mode
+    loss: str  # mse | bce
+    input_size: int  # crop side (px)
+    sigma: float  # heatmap Gaussian sigma (map px)
+    decoder: str  # the best decoder on the test set (model version tag), else the training one
+    uri: str  # models:/<name>@<alias> or models:/<name>/<version>
+    version: str
+
+
+def load_registered_model(uri: str, device: str = "cpu") -> RegisteredModel:
+    """Load ``models:/facemarks@champion`` (any ``models:/`` URI of a model logged by the train stage).
+
+    The weights come from the state dict stored inside the logged model (``extra_files/model.pt``, loaded with
+    ``weights_only=True``), the loss / input size / sigma from its metadata, the decoder from the version's tags.
+    """
+    _quiet_mlflow()
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    try:
+        info = mlflow.models.get_model_info(uri)
+    except mlflow.exceptions.MlflowException as exc:  # no such model or alias: one line, not a traceback
+        raise RuntimeError(f"{uri} not found at {tracking_uri()}: {exc.message}") from exc
+    meta = (info.metadata or {}).get("facemarks")
+    if not meta:
+        raise RuntimeError(f"{uri} was not logged by the facemarks train stage (no facemarks metadata)")
+    client = mlflow.MlflowClient(tracking_uri())
+    name, _, ref = uri[len("models:/"):].partition("@")
+    if ref:
+        version = client.get_model_version_by_alias(name, ref)
+    else:
+        name, _, number = name.partition("/")
+        version = client.get_model_version(name, number) if number.isdigit() else None
+    import tempfile
+
+    from facemarks.model import load_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mlflow.artifacts.download_artifacts(artifact_uri=f"{uri.rstrip('/')}/extra_files/model.pt",
+                                                   dst_path=tmp)
+        model = load_model(path, device)
+    tags = version.tags if version is not None else {}
+    return RegisteredModel(model=model, loss=meta["loss"], input_size=int(meta["input_size"]),
+                           sigma=float(meta["sigma"]), decoder=tags.get("decoder", meta["decoder"]), uri=uri,
+                           version=str(version.version) if version is not None else "")
 
 
 def _experiment_from_params() -> str:

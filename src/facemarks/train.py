@@ -571,12 +571,21 @@ def timings(result: FitResult) -> dict[str, Any]:
             "epochs": [{k: r[k] for k in ("epoch", "images_per_s", "seconds") if k in r} for r in result.history]}
 
 
+def save_state_dict(model: nn.Module, path: str | Path) -> Path:
+    """``torch.save`` of the CPU state dict: the same weights give the same bytes (``models/<loss>/model.pt``).
+
+    Saved through a file object: given a path, ``torch.save`` names the archive's folder after the file, and an
+    atomic write's random temporary name would make every save differ (and ``dvc.lock`` with it)."""
+    with open(path, "wb") as f:
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, f)
+    return Path(path)
+
+
 def write_outputs(result: FitResult, model_path: str | Path, metrics_path: str | Path, epochs_csv: str | Path) -> None:
     """``model.pt`` (state_dict), the summary JSON and the per-epoch CSV, each written atomically; the summary and the
     CSV leave out :data:`VOLATILE_KEYS` (timings and the MLflow run id), so that identical runs write identical files."""
-    state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
     with atomic_path(model_path) as tmp:
-        torch.save(state, tmp)
+        save_state_dict(result.model, tmp)
     atomic_write_json(metrics_path, {k: v for k, v in result.summary.items() if k not in VOLATILE_KEYS})
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=EPOCH_COLUMNS, lineterminator="\n")
@@ -619,7 +628,12 @@ def mlflow_epoch_logger() -> Callable[[dict[str, float]], None]:
 
 
 def log_mlflow(result: FitResult) -> None:
-    """Log summary metrics, the loss-curve figure and the model (with a (1, 1, S, S) input example) to the active run."""
+    """Log summary metrics, the loss-curve figure and the model to the active run.
+
+    The model is logged with a ``(2, 1, S, S)`` input example (signature with a free batch axis), the state dict as
+    ``extra_files/model.pt`` (byte-identical to ``models/<loss>/model.pt``, tag ``facemarks.model_md5``) and the
+    ``facemarks`` metadata a loader needs (loss, input size, sigma, decoder): see
+    :func:`facemarks.tracking.load_registered_model`."""
     import matplotlib.pyplot as plt
     import mlflow
     import mlflow.pytorch
@@ -634,10 +648,20 @@ def log_mlflow(result: FitResult) -> None:
     fig = loss_figure(result.history, result.loss)
     mlflow.log_figure(fig, f"loss_curves_{result.loss}.png")
     plt.close(fig)
+    import tempfile
+
+    from facemarks.tracking import MODEL_HASH_TAG, file_md5
+
     model = result.model.to("cpu").eval()
-    example = np.zeros((1, 1, s["input_size"], s["input_size"]), np.float32)
+    example = np.zeros((2, 1, s["input_size"], s["input_size"]), np.float32)  # batch 2: the batch axis stays free
     reqs = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
-    mlflow.pytorch.log_model(model, name="model", input_example=example, pip_requirements=reqs)
+    meta = {"facemarks": {"loss": result.loss, "input_size": s["input_size"], "heatmap_size": s["heatmap_size"],
+                          "sigma": result.config.sigma, "decoder": result.config.decoder}}
+    with tempfile.TemporaryDirectory() as tmp:
+        state_path = save_state_dict(model, Path(tmp) / "model.pt")
+        mlflow.pytorch.log_model(model, name="model", input_example=example, pip_requirements=reqs,
+                                 extra_files=[str(state_path)], metadata=meta)
+        mlflow.set_tag(MODEL_HASH_TAG, file_md5(state_path))
     result.model.train()
 
 
