@@ -77,14 +77,15 @@ def test_cli_predict_uses_and_reports_the_chosen_model(models_dir, monkeypatch, 
 
 
 def test_predict_path_imports_no_mlflow_dvc_matplotlib_or_train(models_dir, tmp_path):
-    """A real `facemarks predict --astronaut --no-overlay` in a fresh interpreter, then a look at sys.modules."""
+    """A real `facemarks predict --astronaut --no-overlay` in a fresh interpreter, then a look at sys.modules (also no
+    torchvision and no torch._dynamo: about 1.5-2 s of start each, see facemarks.model.ResNet18 / load_model)."""
     code = textwrap.dedent(f"""
         import json, sys
         from facemarks import cli
         rc = cli.main(["predict", "--astronaut", "--model", {str(models_dir / 'models/mse/model.pt')!r},
                        "--size", "{SIZE}", "--out", {str(tmp_path)!r}, "--no-overlay", "--params", "absent.yaml"])
         heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("mlflow", "dvc", "matplotlib")
-                       or m == "facemarks.train")
+                       or m in ("facemarks.train", "torchvision", "torch._dynamo"))
         print(json.dumps({{"rc": rc, "heavy": heavy}}))
     """)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}

@@ -241,11 +241,10 @@ def heatmap_loss(
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> HeatmapNet:
     """Rebuild a :class:`HeatmapNet` from a ``model.pt`` state_dict (K and head width read from it), in eval mode.
 
-    The network is built on the ``meta`` device and takes the loaded tensors as they are (no random init that the
-    weights would overwrite: about 0.4 s CPU of ``facemarks predict``'s start)."""
+    Built on the CPU, not on the ``meta`` device: initialising meta tensors goes through ``torch._refs`` and imports
+    ``torch._dynamo`` (about 2 s), more than the random init the loaded weights overwrite."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     k, width = state["final.weight"].shape[:2]
-    with torch.device("meta"):
-        model = HeatmapNet(num_keypoints=int(k), head_width=int(width))
-    model.load_state_dict(state, assign=True)
+    model = HeatmapNet(num_keypoints=int(k), head_width=int(width))
+    model.load_state_dict(state)
     return model.to(device).eval()
