@@ -59,11 +59,16 @@ def crops() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, crops) -> dict[str, tuple[nn.Module, Path]]:
-    out = tmp_path_factory.mktemp("onnx")
+    """Per loss: the model and its ONNX file, laid out as the pipeline does (``models/<loss>/model.pt`` and
+    ``exports/<loss>/model.onnx`` exported from it) under one folder, ``path.parents[2]``."""
+    out = tmp_path_factory.mktemp("layout")
     models = {}
     for loss in ("mse", "bce"):
         model = fitted_model(loss, crops)
-        models[loss] = (model, export.export_onnx(model, loss, out / loss / "model.onnx", SIZE))
+        pt = out / "models" / loss / "model.pt"
+        pt.parent.mkdir(parents=True)
+        torch.save(model.state_dict(), pt)
+        models[loss] = (model, export.export_onnx(model, loss, out / "exports" / loss / "model.onnx", SIZE, source=pt))
     return models
 
 
@@ -165,24 +170,23 @@ def test_export_stage_writes_onnx_parity_metrics_and_logs_the_onnx_flavour(tiny_
 def test_predict_uses_the_onnx_twin_only_when_it_was_exported_from_the_chosen_model(tmp_path, exported):
     from facemarks.predict import ModelChoice, load_predictor
 
-    model = exported["mse"][0]
-    pt = tmp_path / "models/mse/model.pt"
-    pt.parent.mkdir(parents=True)
-    torch.save(model.state_dict(), pt)
-    choice, exports = ModelChoice(pt, "mse", "test"), tmp_path / "exports"
-    predictor, backend, why = load_predictor(choice, "auto", exports)
-    assert backend == "torch" and isinstance(predictor, nn.Module) and "no exported model" in why
-    with pytest.raises(FileNotFoundError, match="dvc repro export"):
-        load_predictor(choice, "onnx", exports)
-    twin = export.export_onnx(model, "mse", exports / "mse/model.onnx", SIZE, source=pt)
+    model, twin = exported["mse"]
+    root = twin.parents[2]
+    choice, exports = ModelChoice(root / "models/mse/model.pt", "mse", "test"), root / "exports"
     predictor, backend, _ = load_predictor(choice, "auto", exports)
     assert backend == "onnx" and isinstance(predictor, OnnxHeatmaps) and predictor.path == twin
     assert load_predictor(choice, "torch", exports)[1] == "torch"
     assert load_predictor(ModelChoice(twin, "mse", "test"), "auto", exports)[1] == "onnx"
     with pytest.raises(ValueError, match="needs a model.pt"):
         load_predictor(ModelChoice(twin, "mse", "test"), "torch", exports)
-    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()}, pt)  # retrained
-    predictor, backend, why = load_predictor(choice, "auto", exports)
+    predictor, backend, why = load_predictor(choice, "auto", tmp_path / "exports")  # nothing exported there
+    assert backend == "torch" and isinstance(predictor, nn.Module) and "no exported model" in why
+    with pytest.raises(FileNotFoundError, match="dvc repro export"):
+        load_predictor(choice, "onnx", tmp_path / "exports")
+    retrained = tmp_path / "models/mse/model.pt"  # another model.pt: the twin was not exported from it
+    retrained.parent.mkdir(parents=True)
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()}, retrained)
+    predictor, backend, why = load_predictor(ModelChoice(retrained, "mse", "test"), "auto", exports)
     assert backend == "torch" and "dvc repro export" in why
 
 
@@ -203,20 +207,17 @@ def test_whole_image_prediction_is_the_same_on_either_backend(exported):
 def test_cli_predict_runs_on_onnxruntime_by_default_when_the_export_matches(tmp_path, monkeypatch, exported, capsys):
     from facemarks import cli
 
-    model = exported["mse"][0]
-    monkeypatch.chdir(tmp_path)
-    Path("models/mse").mkdir(parents=True)
-    torch.save(model.state_dict(), "models/mse/model.pt")
-    export.export_onnx(model, "mse", "exports/mse/model.onnx", SIZE, source="models/mse/model.pt")
+    monkeypatch.chdir(exported["mse"][1].parents[2])  # models/mse/model.pt and its exports/mse/model.onnx
     docs = {}
     for backend in ("auto", "torch"):
+        out = tmp_path / backend
         rc = cli.main(["predict", "--astronaut", "--box", "175,76,91,91", "--loss", "mse", "--backend", backend,
-                       "--no-overlay", "--out", backend, "--params", "absent.yaml", "--size", str(SIZE)])
+                       "--no-overlay", "--out", str(out), "--params", "absent.yaml", "--size", str(SIZE)])
         assert rc == 0, capsys.readouterr().err
-        docs[backend] = json.loads(Path(backend, "astronaut.json").read_text())
+        docs[backend] = json.loads((out / "astronaut.json").read_text())
     assert docs["auto"]["backend"] == "onnx" and docs["torch"]["backend"] == "torch"
     points = [np.asarray(docs[b]["faces"][0]["points"]) for b in ("auto", "torch")]
     assert np.abs(points[0] - points[1]).max() <= 0.01
     rc = cli.main(["predict", "--astronaut", "--loss", "mse", "--backend", "onnx", "--size", "32", "--params",
-                   "absent.yaml", "--no-overlay"])
+                   "absent.yaml", "--no-overlay", "--out", str(tmp_path / "x")])
     assert rc == 2 and "takes 64 px" in capsys.readouterr().err
