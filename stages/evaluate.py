@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from facemarks import evaluation
-from facemarks.atomic import atomic_dir, atomic_write_json, atomic_write_text
+from facemarks.atomic import atomic_dir, atomic_write_json, atomic_write_text, save_npz_stable
 from facemarks.codec import DECODERS
 from facemarks.inference import time_per_face
 from facemarks.io import read_dlib_xml
@@ -90,7 +90,7 @@ def main() -> None:
 
     errors = {name: arrays[f"nme_{name}"] for name in (*LOSSES, "dlib68") if f"nme_{name}" in arrays}
     with atomic_dir("data/eval") as tmp:
-        np.savez(tmp / "predictions.npz", **{k: np.asarray(v) for k, v in arrays.items()})
+        save_npz_stable(tmp / "predictions.npz", {k: np.asarray(v) for k, v in arrays.items()})
     atomic_write_text("metrics/ced.csv", ced_csv(errors, ev.threshold))
     quality, timing = split_timings(report, [f"{name}.{key}" for name in (*LOSSES, "dlib68") for key in EVAL_TIMINGS])
     atomic_write_json("metrics/eval.json", quality)

@@ -105,3 +105,15 @@ def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, array, allow_pickle=False)
+
+
+def save_npz_stable(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
+    """``np.savez`` with reproducible bytes: members sorted by name and stamped 1980-01-01, so the same arrays give
+    the same file (``np.savez`` stamps the current time, which changes ``dvc.lock`` on every run). No pickles."""
+    import zipfile
+
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name in sorted(arrays):
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with zf.open(info, "w") as f:
+                np.lib.format.write_array(f, np.asanyarray(arrays[name]), allow_pickle=False)
