@@ -73,6 +73,9 @@ def main() -> None:
         models[leader], leader, size=int(test.meta["size"]), margin=float(meta_aug.get("margin", 0.25)), sigma=sigma,
         decoder=report[leader]["best_decoder"], use_dlib=notice is None)
     arrays.update(astro)
+    if notice is None:  # real portraits bundled with the installed packages, in dlib's box, NME from dlib's points
+        report["real_photos"] = evaluation.real_photo_rows(models, report, size=int(test.meta["size"]),
+                                                           margin=float(meta_aug.get("margin", 0.25)), sigma=sigma)
 
     # face detection quality per detector (metrics/detect.json), with the model `facemarks predict` uses by default
     chosen = report["winner"] or DEFAULT_LOSS

@@ -100,3 +100,12 @@ def test_summary_states_the_paired_verdict_in_plain_words():
     assert "NME vs dlib's points 7.50 %" in text
     no_dlib = {k: v for k, v in REPORT.items() if k != "dlib68"}
     assert "dlib68 row absent" in plots.summary_markdown(no_dlib)
+
+
+def test_summary_lists_the_real_portraits_per_loss():
+    real = {"mse": {"astronaut": 7.1, "grace_hopper": 9.3, "mean": 8.2}, "bce": {"astronaut": 8.0, "grace_hopper": 9.0,
+                                                                              "mean": 8.5}}
+    text = plots.summary_markdown({**REPORT, "real_photos": real})
+    assert "| model | astronaut | grace_hopper | mean |" in text
+    assert "| mse | 7.10 | 9.30 | 8.20 |" in text and "| bce | 8.00 | 9.00 | 8.50 |" in text
+    assert "grace_hopper" not in plots.summary_markdown(REPORT)

@@ -95,6 +95,22 @@ def astronaut(model: torch.nn.Module, loss: str, *, size: int, margin: float, si
     return summary, {"astro_box": np.asarray(face["box"]), "astro_ours": face["points"], "astro_dlib": theirs}
 
 
+def real_photo_rows(models: dict[str, torch.nn.Module], report: dict[str, Any], *, size: int, margin: float,
+                    sigma: float) -> dict[str, dict[str, float]]:
+    """Each loss's NME (%) from dlib's points on the bundled real portraits (:mod:`facemarks.real_photos`), given
+    dlib's detector box as the face box and decoded with the loss's best test decoder. Needs the ``peers`` extra."""
+    from facemarks import real_photos
+
+    refs = real_photos.dlib_references()
+    rows = {}
+    for loss, model in models.items():
+        decoder = report[loss]["best_decoder"]
+        rows[loss] = real_photos.score(
+            lambda image, box: predict_image(model, image, loss, box, size=size, margin=margin, sigma=sigma,
+                                             decoder=decoder)[0]["points"], refs)
+    return rows
+
+
 def train_run_id(loss: str, metrics_dir: str = "metrics", experiment: str | None = None) -> str | None:
     """The MLflow run of ``train@<loss>``: the ``run_id`` in ``metrics/train_<loss>.json`` when the store has it
     (older outputs), else the run tagged ``facemarks.model_md5`` = md5 of ``models/<loss>/model.pt`` beside
@@ -235,6 +251,7 @@ def log_eval_mlflow(report: dict[str, Any], losses: tuple[str, ...] = ("mse", "b
                        tags={"loss": loss, "evaluate_run": evaluate_run.info.run_id}):
             mlflow.log_metrics(metrics)
             mlflow.set_tag("test_best_decoder", r["best_decoder"])
+
 
 # ------------------------------------------------------------------------------------------------ face detection
 HIT_IOU = 0.7  # a true face is hit when its matched (mapped) detection has IoU >= 0.7

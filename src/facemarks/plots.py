@@ -153,6 +153,14 @@ def summary_markdown(report: dict[str, Any]) -> str:
         vs = astro.get("nme_vs_dlib")
         lines += [f"Astronaut photo ({astro['loss']} model): " + (f"NME vs dlib's points {vs:.2f} %." if vs is not None
                   else "dlib not available, overlay only.") + " See `astronaut.png`.", ""]
+    real = report.get("real_photos", {})
+    if real:
+        names = [k for k in next(iter(real.values())) if k != "mean"]
+        lines += ["Real portraits bundled with the installed packages (dlib's detector box given; NME from dlib's "
+                  "points, %):", "", "| model | " + " | ".join(names) + " | mean |", "|---" * (len(names) + 2) + "|"]
+        lines += [f"| {loss} | " + " | ".join(f"{row[n]:.2f}" for n in names) + f" | {row['mean']:.2f} |"
+                  for loss, row in real.items()]
+        lines.append("")
     rt = report.get("roundtrip", {})
     if rt:
         lines += [f"Round-trip error of the test targets (subpixel decoder): mean {rt['subpixel']:.2e} px, "
