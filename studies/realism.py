@@ -6,7 +6,8 @@ Each row runs the real stage scripts (download → augment → encode → train@
 - dlib realism on the synthetic test faces (``metrics/realism.json``: dlib's NME and detector hit rate),
 - the MSE model's synthetic test NME (inter-ocular, %, DARK decoder, true boxes),
 - its NME from dlib's points on the bundled real portraits (:mod:`facemarks.real_photos`: astronaut, Grace Hopper),
-- generation speed (faces/s on this machine, from ``timings/download.json``).
+- the download stage's seconds (kept in the row's JSON; not a speed benchmark on a shared machine:
+  ``benchmarks/bench_synthetic.py`` measures generation speed).
 
 Usage (from the repo root)::
 
@@ -114,22 +115,19 @@ def table() -> str:
     rows = [json.loads(p.read_text()) for p in sorted(ROWS.glob("*.json"), key=lambda p: p.stat().st_mtime)]
     rows = [r for r in rows if "synthetic_test_nme" in r["measured"]]
     lines = ["| row | overrides | dlib NME on synthetic test % | dlib detects % | synthetic test NME % (MSE) | "
-             "astronaut NME % | Grace Hopper NME % | generation faces/s |", "|---|---|---|---|---|---|---|---|"]
+             "astronaut NME % | Grace Hopper NME % |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         m, real = r["measured"], r["measured"]["real"]
-        speed = r.get("faces_per_s")
         lines.append(f"| {r['name']} | {' '.join(r['overrides']) or '(params.yaml)'} | {m['dlib_realism_nme']:.2f} | "
                      f"{100 * m['dlib_detector_hit_rate']:.1f} | {m['synthetic_test_nme']:.2f} | "
-                     f"{real.get('astronaut', float('nan')):.2f} | {real.get('grace_hopper', float('nan')):.2f} | "
-                     f"{'see below' if speed is None else f'{speed:.1f}'} |")
+                     f"{real.get('astronaut', float('nan')):.2f} | {real.get('grace_hopper', float('nan')):.2f} |")
     lines += ["", "Generator ablation (data only: one change left out of the shipped generator at a time; 300 test faces):",
-              "", "| row | overrides | dlib NME on synthetic test % | dlib detects % | download stage faces/s |",
-              "|---|---|---|---|---|"]
+              "", "| row | overrides | dlib NME on synthetic test % | dlib detects % |", "|---|---|---|---|"]
     for r in (json.loads(p.read_text()) for p in sorted(ROWS.glob("*.json"), key=lambda p: p.stat().st_mtime)):
         if "synthetic_test_nme" not in r["measured"]:
             m = r["measured"]
             lines.append(f"| {r['name']} | {' '.join(o for o in r['overrides'] if 'n_train=1' not in o) or '(params.yaml)'} "
-                         f"| {m['dlib_realism_nme']:.2f} | {100 * m['dlib_detector_hit_rate']:.1f} | {r['faces_per_s']:.1f} |")
+                         f"| {m['dlib_realism_nme']:.2f} | {100 * m['dlib_detector_hit_rate']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -141,7 +139,7 @@ def main() -> None:
     ap.add_argument("--measure", type=Path, metavar="DIR",
                     help="measure a folder where these stages already ran (e.g. a `dvc repro` of the default)")
     ap.add_argument("--data-only", action="store_true",
-                    help="only generate the faces (1 train image + the test set) and score dlib realism + speed")
+                    help="only generate the faces (1 train image + the test set) and score dlib realism")
     ap.add_argument("--rev", help="run the stages of this git revision (e.g. the generator before a change); "
                                   "the measurement uses the current library")
     args = ap.parse_args()
