@@ -60,6 +60,21 @@ def make_repo(dest: Path, preset: str | None = "tiny") -> Path:
     return dest
 
 
+@pytest.fixture(autouse=True)
+def _no_mlflow_uri_leaks_between_tests():
+    """``mlflow.set_tracking_uri`` (facemarks.tracking calls it in-process) sets a process-wide URI *and* the
+    ``MLFLOW_TRACKING_URI`` variable, which outlive ``monkeypatch``: restore both after every test, so that one test's
+    store never answers for the next (the suite's order must not matter)."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        mlflow.set_tracking_uri(None)  # unsets the global URI and the variable
+    if before is not None:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 DVC = [sys.executable, "-m", "dvc"]
 
 
