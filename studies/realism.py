@@ -71,34 +71,24 @@ def run_stages(work: Path, code: Path = ROOT, data_only: bool = False) -> dict[s
 
 
 def measure(work: Path) -> dict:
-    from facemarks import codec, real_photos
-    from facemarks.augment import face_crop, invert_points
+    """The MSE model of ``work`` on its synthetic test split and on the bundled real portraits (DARK decoder), with the
+    library's own scoring: :func:`facemarks.inference.predict_crops` and :func:`facemarks.evaluation.real_photo_rows`."""
+    from facemarks.augment import invert_points
+    from facemarks.evaluation import real_photo_rows
+    from facemarks.inference import predict_crops
     from facemarks.metrics import nme, normaliser
-    from facemarks.model import STRIDE, images_to_tensor, load_model, outputs_to_heatmaps
+    from facemarks.model import load_model
     from facemarks.store import read_split
-    import torch
 
     params = yaml.safe_load((work / "params.yaml").read_text())
     size, margin, sigma = params["augment"]["size"], params["augment"]["margin"], params["encode"]["sigma"]
     model = load_model(work / "models/mse/model.pt")
-    hm = codec.HeatmapCodec(size, size // STRIDE, sigma)
-
-    @torch.inference_mode()
-    def crops_to_points(crops: np.ndarray) -> np.ndarray:
-        heat = torch.cat([outputs_to_heatmaps(model(images_to_tensor(crops[i:i + 64])), "mse")
-                          for i in range(0, len(crops), 64)]).numpy()
-        return np.asarray(hm.decode(heat, "dark")[0], np.float64)  # (N, 68, 2) crop px
-
     test = read_split(work / "data/augmented/test")
-    pred = invert_points(crops_to_points(np.asarray(test.images)), np.asarray(test.transform))
+    points = predict_crops(model, np.asarray(test.images), "mse", sigma, "dark")[0]
+    pred = invert_points(points, np.asarray(test.transform))
     gt = np.asarray(test.orig_points)
     syn = 100 * nme(pred, gt, normaliser(gt, "io"))
-
-    def predict(image, box):
-        crop, T = face_crop(image, box, size, margin)
-        return invert_points(crops_to_points(crop[None])[0], T)
-
-    real = real_photos.score(predict, real_photos.dlib_references())
+    real = real_photo_rows({"mse": model}, {"mse": {"best_decoder": "dark"}}, size=size, margin=margin, sigma=sigma)["mse"]
     realism = json.loads((work / "metrics/realism.json").read_text())
     train = json.loads((work / "metrics/train_mse.json").read_text())
     return {"synthetic_test_nme": float(np.mean(syn)), "synthetic_test_nme_median": float(np.median(syn)),
