@@ -18,6 +18,9 @@ import numpy as np
 from facemarks.atomic import atomic_path, atomic_write_text
 from facemarks.landmarks import N_POINTS
 
+#: image file suffixes every reader of a folder of photos accepts (lower case)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
 
 class DataError(ValueError):
     """Bad input data; the message names the offending file."""
@@ -195,6 +198,16 @@ def read_image(path: str | Path) -> np.ndarray:
     if img.dtype != np.uint8:
         img = np.clip(img / max(float(img.max()), 1.0) * 255.0, 0, 255).astype(np.uint8)
     return img
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """The image files directly inside ``folder`` (suffix in :data:`IMAGE_SUFFIXES`, any case), sorted by name.
+
+    No recursion, hidden files skipped; an empty list when there are none (callers decide whether that is an error).
+    """
+    folder = Path(folder)
+    return sorted((p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                   and p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: p.name)
 
 
 def write_image(path: str | Path, image: np.ndarray) -> None:

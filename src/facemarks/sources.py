@@ -48,13 +48,13 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from facemarks.atomic import atomic_dir, atomic_write_text
-from facemarks.io import DataError, Face, ImageRecord, in_image, read_dlib_xml, read_image, read_pts, write_dlib_xml
+from facemarks.io import (IMAGE_SUFFIXES, DataError, Face, ImageRecord, in_image, read_dlib_xml, read_image, read_pts,
+                          write_dlib_xml)
 from facemarks.landmarks import N_POINTS
 from facemarks.params import Data, Ibug300w, Local
 
 log = logging.getLogger("facemarks.sources")
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 IBUG_LISTS = {"train": "labels_ibug_300W_train.xml", "test": "labels_ibug_300W_test.xml"}
 OFFLINE_HINT = ("no network? set `data.source: synthetic` (built-in generator, works offline) or "
                 "`data.source: local` with `data.local.path` pointing at a folder you already have")
