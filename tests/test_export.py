@@ -221,3 +221,174 @@ def test_cli_predict_runs_on_onnxruntime_by_default_when_the_export_matches(tmp_
     rc = cli.main(["predict", "--astronaut", "--loss", "mse", "--backend", "onnx", "--size", "32", "--params",
                    "absent.yaml", "--no-overlay", "--out", str(tmp_path / "x")])
     assert rc == 2 and "takes 64 px" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ int8 (issue 23)
+@pytest.fixture(scope="module")
+def int8_layout(tmp_path_factory, exported, crops) -> dict[str, Path]:
+    """A copy of the mse layout (``models/mse/model.pt``, ``exports/mse/model.onnx``) plus its int8 twin
+    ``exports/mse/model.int8.onnx`` (QOperator, calibrated on the 6 crops), as the export stage lays them out."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("int8")
+    src = exported["mse"][1].parents[2]
+    for rel in ("models/mse/model.pt", "exports/mse/model.onnx"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src / rel, root / rel)
+    fp32 = root / "exports/mse/model.onnx"
+    int8 = export.quantize_int8(fp32, fp32.with_name(export.INT8_FILE), crops, fmt="qoperator", seed=3)
+    return {"root": root, "pt": root / "models/mse/model.pt", "fp32": fp32, "int8": int8}
+
+
+def reference_points(n: int) -> np.ndarray:
+    """The points :func:`fitted_model` fitted its maps to ``(n, 68, 2)`` crop px (its ``default_rng(1)`` draw)."""
+    return np.random.default_rng(1).uniform(0.25 * SIZE, 0.75 * SIZE, (n, 68, 2))
+
+
+def test_int8_export_is_a_smaller_quantised_graph_that_runs_and_carries_its_provenance(int8_layout, crops):
+    import onnx
+
+    fp32, int8 = OnnxHeatmaps(int8_layout["fp32"]), OnnxHeatmaps(int8_layout["int8"])
+    assert int8.path.parent == fp32.path.parent and int8.path.name == "model.int8.onnx"
+    assert (int8.precision, fp32.precision) == ("int8", "fp32")
+    assert (int8.input_size, int8.num_keypoints, int8.loss) == (SIZE, 68, "mse")
+    meta = int8.metadata
+    assert meta["source_sha256"] == fp32.metadata["source_sha256"]  # the model.pt it comes from, as the fp32 twin
+    from facemarks.sources import file_sha256
+
+    assert meta["fp32_sha256"] == file_sha256(int8_layout["fp32"])
+    assert (meta["quant_format"], meta["calibration_method"], meta["calibration_faces"],
+            meta["calibration_seed"]) == ("qoperator", "minmax", "6", "3")
+    assert "int8_check" not in meta and not int8.int8_passed  # not checked yet: not passed
+    ops = {n.op_type for n in onnx.load(str(int8.path)).graph.node}
+    assert "QLinearConv" in ops and "Conv" not in ops, ops
+    assert int8.path.stat().st_size < 0.4 * fp32.path.stat().st_size  # int8 weights: about a quarter
+    h32, h8 = fp32(crops), int8(crops, batch_size=4)
+    assert h8.shape == h32.shape and h8.dtype == np.float32
+    assert 0 < np.abs(h8 - h32).mean() < 0.02  # quantised, and close
+
+
+def test_qdq_format_and_calibration_arguments_are_checked(tmp_path, int8_layout, crops):
+    import onnx
+
+    path = export.quantize_int8(int8_layout["fp32"], tmp_path / "qdq.onnx", crops[:2], fmt="qdq")
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops and "QLinearConv" not in ops
+    assert OnnxHeatmaps(path)(crops).shape == (6, 68, SIZE // 4, SIZE // 4)
+    with pytest.raises(ValueError, match="fmt"):
+        export.quantize_int8(int8_layout["fp32"], tmp_path / "x.onnx", crops, fmt="int4")
+    with pytest.raises(ValueError, match="method"):
+        export.quantize_int8(int8_layout["fp32"], tmp_path / "x.onnx", crops, method="mse")
+    sample = export.calibration_sample(np.arange(100)[:, None, None] * np.ones((1, 2, 2), np.uint8), 10, seed=0)
+    again = export.calibration_sample(np.arange(100)[:, None, None] * np.ones((1, 2, 2), np.uint8), 10, seed=0)
+    assert len(sample) == 10 and len(set(sample[:, 0, 0])) == 10 and (sample == again).all()
+
+
+def test_int8_accuracy_detects_a_damaged_quantisation(tmp_path, int8_layout, crops):
+    """The NME guard can fail: the same model calibrated on black crops (activation ranges of nothing) loses many NME
+    points against its fp32 twin, the properly calibrated one far fewer; both are measured on the same faces."""
+    fp32 = OnnxHeatmaps(int8_layout["fp32"])
+    damaged = export.quantize_int8(int8_layout["fp32"], tmp_path / "damaged.onnx", np.zeros_like(crops))
+    identity = np.repeat(np.eye(3)[None], len(crops), 0)
+    ref = reference_points(len(crops))
+    good = export.int8_accuracy(fp32, OnnxHeatmaps(int8_layout["int8"]), crops, identity, ref, SIGMA)
+    bad = export.int8_accuracy(fp32, OnnxHeatmaps(damaged), crops, identity, ref, SIGMA)
+    assert set(good["nme_delta"]) == {"argmax", "argmax_quarter", "weighted_average", "local_weighted_average",
+                                      "soft_argmax", "dark", "subpixel"}
+    for name, delta in good["nme_delta"].items():
+        assert delta == pytest.approx(good["nme_int8"][name] - good["nme_fp32"][name])
+    assert good["nme_fp32"] == bad["nme_fp32"]  # the same fp32 reference run
+    assert bad["max_nme_delta"] > 2.0 and bad["max_nme_delta"] > 4 * max(good["max_nme_delta"], 0.05), (good, bad)
+    assert bad["mean_abs_heatmap_diff"] > 2 * good["mean_abs_heatmap_diff"]
+    verdict = export.int8_verdict({"test": good, "photos": bad}, tolerance=1.0)
+    assert not verdict["ok"] and verdict["failed"] == ["photos"] and verdict["max_nme_delta"] == bad["max_nme_delta"]
+    assert export.int8_verdict({"test": good}, tolerance=good["max_nme_delta"])["ok"]
+    assert not export.int8_verdict({"test": good}, tolerance=-1)["ok"]
+    assert not export.int8_verdict({}, tolerance=100)["ok"]  # nothing checked: not passed
+
+
+def test_photo_accuracy_crops_whole_photos_as_predict_does(int8_layout):
+    """On whole photos (image, box, reference points): the same numbers as cropping them by hand."""
+    from skimage.data import astronaut
+
+    from facemarks.augment import face_crop
+
+    fp32, int8 = OnnxHeatmaps(int8_layout["fp32"]), OnnxHeatmaps(int8_layout["int8"])
+    image, box = astronaut(), (175.0, 76.0, 91.0, 91.0)
+    crop, T = face_crop(image, box, SIZE, 0.25)
+    ref = np.linalg.inv(T) @ np.c_[reference_points(1)[0], np.ones(68)].T  # crop px -> image px
+    ref = ref[:2].T
+    by_photo = export.photo_accuracy(fp32, int8, [(image, box, ref)], margin=0.25, sigma=SIGMA)
+    by_hand = export.int8_accuracy(fp32, int8, crop[None], T[None], ref[None], SIGMA)
+    assert by_photo["n_faces"] == 1 and by_photo["nme_delta"] == pytest.approx(by_hand["nme_delta"])
+    with pytest.raises(ValueError, match="no photos"):
+        export.photo_accuracy(fp32, int8, [], margin=0.25, sigma=SIGMA)
+
+
+def test_auto_backend_takes_int8_only_when_its_guard_passed_and_it_matches_the_model(tmp_path, int8_layout):
+    """The backend choice: int8 by default only with a passed guard in its own metadata (a failed one, a forced
+    failure with tolerance -1, an unchecked one, or one exported from another model.pt falls back to fp32)."""
+    import shutil
+
+    from facemarks.predict import ModelChoice, load_predictor
+
+    root = tmp_path / "layout"
+    shutil.copytree(int8_layout["root"], root)
+    exports, int8 = root / "exports", root / "exports/mse/model.int8.onnx"
+    choice = ModelChoice(root / "models/mse/model.pt", "mse", "test")
+    model, backend, why = load_predictor(choice, "auto", exports)
+    assert backend == "onnx" and model.precision == "fp32" and "did not pass" in why  # unchecked
+    export.record_int8_check(int8, export.int8_verdict({"test": {"max_nme_delta": 0.02}}, tolerance=0.1))
+    model, backend, why = load_predictor(choice, "auto", exports)
+    assert backend == "onnx-int8" and model.path == int8 and model.int8_passed and "guard passed" in why
+    assert export.read_metadata(int8)["int8_max_nme_delta"] == "0.02"
+    model, backend, _ = load_predictor(choice, "onnx", exports)
+    assert backend == "onnx" and model.precision == "fp32"
+    assert load_predictor(choice, "torch", exports)[1] == "torch"
+    # a copied int8 file carries its verdict: given as --model it reports it
+    copied = tmp_path / "elsewhere.onnx"
+    shutil.copy(int8, copied)
+    model, backend, why = load_predictor(ModelChoice(copied, "mse", "test"), "auto", exports)
+    assert backend == "onnx-int8" and "guard passed" in why
+    with pytest.raises(ValueError, match="not an int8 model"):
+        load_predictor(ModelChoice(root / "exports/mse/model.onnx", "mse", "test"), "onnx-int8", exports)
+    # the forced failing guard: tolerance -1 -> failed -> auto keeps fp32; --backend onnx-int8 still runs it, saying so
+    export.record_int8_check(int8, export.int8_verdict({"test": {"max_nme_delta": 0.02}}, tolerance=-1))
+    model, backend, why = load_predictor(choice, "auto", exports)
+    assert backend == "onnx" and model.precision == "fp32" and "did not pass its accuracy guard" in why
+    model, backend, why = load_predictor(choice, "onnx-int8", exports)
+    assert backend == "onnx-int8" and model.precision == "int8" and "did NOT pass" in why
+    # passed, but exported from another model.pt: fp32 twin? also not from it -> torch
+    export.record_int8_check(int8, export.int8_verdict({"test": {"max_nme_delta": 0.0}}, tolerance=0.1))
+    other = tmp_path / "other/models/mse/model.pt"
+    other.parent.mkdir(parents=True)
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in torch.load(
+        choice.path, weights_only=True).items()}, other)
+    predictor, backend, why = load_predictor(ModelChoice(other, "mse", "test"), "auto", exports)
+    assert backend == "torch" and "model.int8.onnx was not exported from" in why
+    with pytest.raises(FileNotFoundError, match="dvc repro export"):
+        load_predictor(choice, "onnx-int8", tmp_path / "nothing")
+    with pytest.raises(ValueError, match="onnx-int8"):
+        load_predictor(choice, "int8", exports)
+
+
+def test_cli_predict_backend_onnx_int8(tmp_path, monkeypatch, int8_layout, capsys):
+    import shutil
+
+    from facemarks import cli
+
+    root = tmp_path / "layout"
+    shutil.copytree(int8_layout["root"], root)
+    export.record_int8_check(root / "exports/mse/model.int8.onnx",
+                             export.int8_verdict({"test": {"max_nme_delta": 0.0}}, tolerance=0.1))
+    monkeypatch.chdir(root)
+    docs = {}
+    for backend in ("onnx-int8", "auto", "onnx"):
+        rc = cli.main(["predict", "--astronaut", "--box", "175,76,91,91", "--loss", "mse", "--backend", backend,
+                       "--no-overlay", "--out", str(tmp_path / backend), "--params", "absent.yaml"])
+        assert rc == 0, capsys.readouterr().err
+        docs[backend] = json.loads((tmp_path / backend / "astronaut.json").read_text())
+    assert [docs[b]["backend"] for b in ("onnx-int8", "auto", "onnx")] == ["onnx-int8", "onnx-int8", "onnx"]
+    points = [np.asarray(docs[b]["faces"][0]["points"]) for b in ("onnx-int8", "auto", "onnx")]
+    assert all(p.shape == (68, 2) and np.isfinite(p).all() for p in points)
+    assert (points[0] == points[1]).all() and (points[0] != points[2]).any()  # auto ran the int8 file, not fp32

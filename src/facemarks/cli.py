@@ -1,7 +1,7 @@
 """``facemarks`` console script: ``predict``, ``compare``, ``preset``, ``ui``.
 
     facemarks predict IMAGE... [--model PATH] [--loss {mse,bce}] [--detector {auto,dlib,cascade}] [--box x,y,w,h]
-                               [--backend {auto,onnx,torch}] [--out DIR] [--no-overlay] [--astronaut]
+                               [--backend {auto,onnx-int8,onnx,torch}] [--out DIR] [--no-overlay] [--astronaut]
     facemarks compare [--experiment NAME] [--study NAME]
     facemarks preset NAME [--params params.yaml]
     facemarks ui [--launch]
@@ -94,7 +94,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"facemarks predict: {exc}", file=sys.stderr)
         return 2
-    if backend == "onnx":  # the exported graph fixes the input size
+    if backend in ("onnx", "onnx-int8"):  # the exported graph fixes the input size
         if args.size and args.size != model.input_size:
             print(f"facemarks predict: --size {args.size}, but {model.path} takes {model.input_size} px",
                   file=sys.stderr)
@@ -216,9 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="loss the model was trained with (default: the winner in metrics/eval.json, else mse)")
     p.add_argument("--detector", default="auto", choices=("auto", "dlib", "cascade"),
                    help="face detector (default auto: dlib's HOG detector when installed, else the cascade)")
-    p.add_argument("--backend", default="auto", choices=("auto", "onnx", "torch"),
-                   help="auto (default): onnxruntime with exports/<loss>/model.onnx when it was exported from the "
-                   "chosen model.pt, else torch")
+    p.add_argument("--backend", default="auto", choices=("auto", "onnx-int8", "onnx", "torch"),
+                   help="auto (default): onnxruntime with exports/<loss>/model.int8.onnx when it was exported from "
+                   "the chosen model.pt and passed its accuracy guard, else exports/<loss>/model.onnx when it was "
+                   "exported from it, else torch")
     p.add_argument("--box", type=_box, help="face box x,y,w,h (px) instead of a detector")
     p.add_argument("--no-overlay", action="store_true", help="write only the JSON, no overlay PNG")
     p.add_argument("--out", default="predictions", help="output folder (default: predictions)")

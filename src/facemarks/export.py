@@ -170,3 +170,193 @@ def log_onnx_mlflow(path: str | Path, input_size: int) -> str:
                                  pip_requirements=reqs, save_as_external_data=False,
                                  onnx_execution_providers=["CPUExecutionProvider"])
     return info.model_uri
+
+
+# ------------------------------------------------------------------------------------------------ int8
+# Static int8 quantisation with onnxruntime's own tooling, and its accuracy guard (issue 23).
+INT8_FILE = "model.int8.onnx"  # written beside the fp32 ``model.onnx``
+QUANT_FORMATS = ("qoperator", "qdq")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+NME_TOLERANCE = 0.1  # NME points (%) int8 may lose against fp32 (params.yaml export.tolerance_nme)
+#: Metadata keys of the int8 file beyond the fp32 ones (which it keeps, ``source_sha256`` included).
+#: ``int8_check`` is ``passed`` | ``failed``; a file without it (interrupted stage) counts as not passed.
+INT8_KEYS = ("precision", "quant_format", "calibration_method", "calibration_faces", "calibration_seed",
+             "fp32_sha256", "int8_check", "int8_max_nme_delta", "int8_tolerance_nme")
+
+
+class CropReader:
+    """:class:`onnxruntime.quantization.CalibrationDataReader` over uint8 crops ``(N, S, S)``: batches of
+    ``batch_size`` as the graph's input (float32 ``(B, 1, S, S)`` in [0, 1], as :class:`OnnxHeatmaps` feeds it)."""
+
+    def __init__(self, images: np.ndarray, batch_size: int = 16):
+        self.images, self.batch_size, self._next = np.asarray(images), int(batch_size), 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._next >= len(self.images):
+            return None
+        batch = self.images[self._next:self._next + self.batch_size]
+        self._next += self.batch_size
+        return {INPUT_NAME: batch[:, None].astype(np.float32) / np.float32(255.0)}
+
+    def rewind(self) -> None:
+        self._next = 0
+
+
+def calibration_sample(images: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """``min(n, N)`` crops of ``images`` ``(N, S, S)`` drawn without replacement with ``seed`` (sorted indices)."""
+    images = np.asarray(images)
+    if n < 1 or len(images) == 0:
+        raise ValueError(f"calibration_sample: need n >= 1 and at least one image, got n={n}, N={len(images)}")
+    idx = np.sort(np.random.default_rng(seed).choice(len(images), size=min(n, len(images)), replace=False))
+    return np.asarray(images[idx])
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX file as a dict (the weights are not loaded)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def write_metadata(path: str | Path, updates: dict[str, Any]) -> None:
+    """Set ``updates`` (values as strings) in the ``metadata_props`` of the ONNX file ``path``, atomically."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    meta.update({k: str(v) for k, v in updates.items()})
+    del proto.metadata_props[:]
+    for key, value in meta.items():
+        proto.metadata_props.add(key=key, value=value)
+    with atomic_path(path) as tmp:
+        onnx.save_model(proto, str(tmp))
+
+
+def quantize_int8(fp32_path: str | Path, path: str | Path, calibration: np.ndarray, *, fmt: str = "qoperator",
+                  method: str = "minmax", seed: int | None = None, batch_size: int = 16) -> Path:
+    """Static int8 quantisation of the exported fp32 model ``fp32_path`` into ``path``; returns ``path``.
+
+    onnxruntime's own tooling: ``quant_pre_process`` (shape inference and graph optimisation, the step its docs
+    ask for before quantising), then ``quantize_static`` with per-channel int8 weights (symmetric) and uint8
+    activations (asymmetric, ranges from ``method`` over the calibration crops ``calibration`` uint8 ``(N, S, S)``
+    fed by :class:`CropReader`), in ``fmt``: ``qoperator`` (QLinearConv etc.) or ``qdq`` (QuantizeLinear /
+    DequantizeLinear pairs that onnxruntime fuses at load). The graph keeps the fp32 interface (float32 in, float32
+    heatmaps out). The file keeps the fp32 metadata (``source_sha256`` included) and adds ``precision=int8``,
+    ``quant_format``, ``calibration_method``, ``calibration_faces``, ``calibration_seed`` and ``fp32_sha256``;
+    ``int8_check`` is added by :func:`record_int8_check` once the accuracy guard has run.
+    """
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
+
+    from facemarks.sources import file_sha256
+
+    if fmt not in QUANT_FORMATS:
+        raise ValueError(f"quantize_int8: fmt must be one of {QUANT_FORMATS}, got {fmt!r}")
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"quantize_int8: method must be one of {CALIBRATION_METHODS}, got {method!r}")
+    calibration = np.asarray(calibration)
+    if calibration.ndim != 3 or len(calibration) == 0:
+        raise ValueError(f"quantize_int8: calibration must be uint8 (N, S, S) crops, got {calibration.shape}")
+    meta = read_metadata(fp32_path)
+    for name in ("onnxruntime.quantization", "root"):  # quant_pre_process / quantize_static log at INFO/WARNING
+        logging.getLogger(name).setLevel(logging.ERROR)
+    with tempfile.TemporaryDirectory(prefix="facemarks-int8-") as tmp:
+        pre, out = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
+        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        method_enum = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                       "percentile": CalibrationMethod.Percentile}[method]
+        quantize_static(str(pre), str(out), CropReader(calibration, batch_size),
+                        quant_format=QuantFormat.QOperator if fmt == "qoperator" else QuantFormat.QDQ,
+                        per_channel=True, reduce_range=False, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=method_enum,
+                        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+        proto = onnx.load(str(out))
+    meta.update({"precision": "int8", "quant_format": fmt, "calibration_method": method,
+                 "calibration_faces": str(len(calibration)), "calibration_seed": "" if seed is None else str(seed),
+                 "fp32_sha256": file_sha256(Path(fp32_path))})
+    del proto.metadata_props[:]
+    for key, value in meta.items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(proto)
+    with atomic_path(path) as tmp:
+        onnx.save_model(proto, str(tmp))
+    return Path(path)
+
+
+def int8_accuracy(fp32: OnnxHeatmaps, int8: OnnxHeatmaps, crops: np.ndarray, transforms: np.ndarray,
+                  reference: np.ndarray, sigma: float, decoders: tuple[str, ...] | None = None,
+                  batch_size: int = 64) -> dict[str, Any]:
+    """NME of the int8 model against its fp32 twin on uint8 crops ``(N, S, S)`` whose original→crop transforms are
+    ``transforms`` ``(N, 3, 3)`` and reference points ``reference`` ``(N, K, 2)`` original px (NaN: unlabelled).
+
+    Points are decoded with each decoder (every one of :data:`facemarks.codec.DECODERS` unless ``decoders``), mapped
+    to original px and scored with the inter-ocular NME (%) of the reference. Returns ``{"n_faces",
+    "nme_fp32": {decoder: %}, "nme_int8": {decoder: %}, "nme_delta": {decoder: int8 − fp32 NME points},
+    "max_nme_delta", "nme_int8_vs_fp32": {decoder: % of the int8 points from the fp32 points},
+    "max_abs_heatmap_diff", "mean_abs_heatmap_diff"}``. A positive delta is accuracy int8 loses.
+    """
+    from facemarks import metrics
+    from facemarks.augment import invert_points
+    from facemarks.codec import DECODERS, HeatmapCodec
+
+    crops, transforms = np.asarray(crops), np.asarray(transforms, np.float64)
+    ref = np.asarray(reference, np.float64)
+    if not (len(crops) == len(transforms) == len(ref) > 0):
+        raise ValueError(f"int8_accuracy: crops {crops.shape}, transforms {transforms.shape} and reference "
+                         f"{ref.shape} must be non-empty with the same N")
+    h32, h8 = fp32(crops, batch_size), int8(crops, batch_size)
+    side = crops.shape[-1]
+    codec = HeatmapCodec(side, h32.shape[-1], sigma)
+    visible = np.isfinite(ref).all(-1)
+    norm = metrics.normaliser(ref, "io")
+    out: dict[str, Any] = {"n_faces": int(len(crops)), "nme_fp32": {}, "nme_int8": {}, "nme_delta": {},
+                           "nme_int8_vs_fp32": {}}
+    for name in decoders or DECODERS:
+        p32 = invert_points(np.asarray(codec.decode(h32, name)[0], np.float64), transforms)
+        p8 = invert_points(np.asarray(codec.decode(h8, name)[0], np.float64), transforms)
+        e32 = 100 * float(np.nanmean(metrics.nme(p32, ref, norm, visible)))
+        e8 = 100 * float(np.nanmean(metrics.nme(p8, ref, norm, visible)))
+        out["nme_fp32"][name], out["nme_int8"][name], out["nme_delta"][name] = e32, e8, e8 - e32
+        out["nme_int8_vs_fp32"][name] = 100 * float(np.nanmean(metrics.nme(p8, p32, norm, visible)))
+    diff = np.abs(h8.astype(np.float64) - h32.astype(np.float64))
+    out.update(max_nme_delta=max(out["nme_delta"].values()), max_abs_heatmap_diff=float(diff.max()),
+               mean_abs_heatmap_diff=float(diff.mean()))
+    return out
+
+
+def photo_accuracy(fp32: OnnxHeatmaps, int8: OnnxHeatmaps, items: list[tuple[np.ndarray, Any, np.ndarray]], *,
+                   margin: float, sigma: float, decoders: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """:func:`int8_accuracy` on whole photos: ``items`` are ``(image (H, W[, 3]) uint8, box (l, t, w, h),
+    reference points (K, 2) image px)``; each face is cropped as ``predict`` does
+    (:func:`facemarks.augment.face_crop` at the model's input size with ``margin``). For a real-photo folder:
+    ``[(s.images[f.file], f.box, f.points) for f in s.faces]`` of :func:`facemarks.real_photos.photo_set` (dlib's
+    detector box mapped as predict maps it, dlib's or human points as reference)."""
+    from facemarks.augment import face_crop
+
+    if not items:
+        raise ValueError("photo_accuracy: no photos given")
+    crops, transforms = zip(*(face_crop(image, tuple(float(v) for v in box), fp32.input_size, margin)
+                              for image, box, _ in items))
+    ref = np.stack([np.asarray(points, np.float64) for _, _, points in items])
+    return int8_accuracy(fp32, int8, np.stack(crops), np.stack(transforms), ref, sigma, decoders)
+
+
+def int8_verdict(checks: dict[str, dict[str, Any]], tolerance: float = NME_TOLERANCE) -> dict[str, Any]:
+    """The accuracy guard over named :func:`int8_accuracy` results (``test``, ``photos``, ...): passed when every
+    ``max_nme_delta`` ≤ ``tolerance`` NME points. Returns ``{"ok", "tolerance_nme", "max_nme_delta", "failed":
+    [names], "checked": [names]}``; no check at all does not pass."""
+    worst = max((c["max_nme_delta"] for c in checks.values()), default=float("inf"))
+    failed = [name for name, c in checks.items() if not c["max_nme_delta"] <= tolerance]
+    return {"ok": bool(checks) and not failed, "tolerance_nme": float(tolerance), "max_nme_delta": float(worst),
+            "failed": failed, "checked": list(checks)}
+
+
+def record_int8_check(path: str | Path, verdict: dict[str, Any]) -> None:
+    """Write the guard's verdict into the int8 file's metadata (``int8_check`` passed | failed,
+    ``int8_max_nme_delta``, ``int8_tolerance_nme``): a copied file carries it, and ``predict`` reads it there."""
+    write_metadata(path, {"int8_check": "passed" if verdict["ok"] else "failed",
+                          "int8_max_nme_delta": f"{verdict['max_nme_delta']:.6g}",
+                          "int8_tolerance_nme": f"{verdict['tolerance_nme']:g}"})

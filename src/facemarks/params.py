@@ -139,6 +139,17 @@ class Train:
 
 
 @dataclass(frozen=True)
+class Export:
+    int8: bool = _p(True, doc="also write exports/<loss>/model.int8.onnx (static int8) with its accuracy guard")
+    format: str = _p("qoperator", choices=("qoperator", "qdq"), doc="int8 graph: QLinear* operators or QDQ pairs")
+    calibration: str = _p("minmax", choices=("minmax", "entropy", "percentile"),
+                          doc="activation-range calibration method (onnxruntime.quantization)")
+    calibration_faces: int = _p(64, 1, 100_000, doc="training crops drawn (seeded) to calibrate the activations")
+    seed: int = _p(0, 0, 2**31 - 1, doc="seed of the calibration draw")
+    tolerance_nme: float = _p(0.1, 0, 100, doc="NME points int8 may lose vs fp32; above: predict keeps fp32")
+
+
+@dataclass(frozen=True)
 class Evaluate:
     threshold: float = _p(0.08, 0, 1, lo_open=True, doc="FR/AUC threshold on NME (fraction)")
     batch_size: int = _p(64, 1, 65536)
@@ -161,6 +172,7 @@ class Params:
     augment: Augment = field(default_factory=Augment)
     encode: Encode = field(default_factory=Encode)
     train: Train = field(default_factory=Train)
+    export: Export = field(default_factory=Export)
     evaluate: Evaluate = field(default_factory=Evaluate)
     plot: Plot = field(default_factory=Plot)
 

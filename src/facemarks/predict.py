@@ -79,39 +79,67 @@ def best_decoder(loss: str, default: str, eval_json: str | Path = "metrics/eval.
     return default
 
 
-BACKENDS = ("auto", "onnx", "torch")
+BACKENDS = ("auto", "onnx-int8", "onnx", "torch")
+
+
+def _exported_from(runtime: OnnxHeatmaps, model_pt: Path) -> bool:
+    from facemarks.sources import file_sha256
+
+    return model_pt.is_file() and runtime.metadata.get("source_sha256") == file_sha256(model_pt)
 
 
 def load_predictor(choice: ModelChoice, backend: str = "auto",
                    exports_dir: str | Path = "exports") -> tuple[torch.nn.Module | OnnxHeatmaps, str, str]:
-    """The model to predict with: ``(torch module or OnnxHeatmaps, backend "onnx" | "torch", why (one line))``.
+    """The model to predict with: ``(torch module or OnnxHeatmaps, backend "onnx-int8" | "onnx" | "torch", why
+    (one line))``.
 
-    ``choice.path`` may be a ``model.pt`` or an exported ``.onnx``. For a ``.pt``, ``onnx`` runs its exported twin
-    ``<exports_dir>/<loss>/model.onnx`` (stage ``export``); ``auto`` (the default) does so when the twin exists and
-    was exported from this very file (``source_sha256`` in its metadata), else runs the ``.pt`` on torch.
-    ``FileNotFoundError`` when the file the backend needs is missing.
+    ``choice.path`` may be a ``model.pt`` or an exported ``.onnx`` (fp32 or int8, told apart by its metadata). For a
+    ``.pt``: ``onnx`` runs its exported twin ``<exports_dir>/<loss>/model.onnx``, ``onnx-int8`` its quantised twin
+    ``<exports_dir>/<loss>/model.int8.onnx`` (stage ``export``; run even when its accuracy guard failed, which
+    ``why`` then says). ``auto`` (the default) takes the first of: the int8 twin when it was exported from this very
+    file (``source_sha256`` in its metadata) *and* its accuracy guard passed (``int8_check`` in its metadata:
+    :attr:`facemarks.runtime.OnnxHeatmaps.int8_passed`); the fp32 twin when it was exported from this file; the
+    ``.pt`` on torch. ``FileNotFoundError`` when the file an explicit backend needs is missing.
     """
     if backend not in BACKENDS:
         raise ValueError(f"--backend {backend!r}: allowed {', '.join(BACKENDS)}")
     if choice.path.suffix == ".onnx":
         if backend == "torch":
             raise ValueError(f"--backend torch needs a model.pt, got {choice.path}")
-        return OnnxHeatmaps(choice.path), "onnx", "an exported .onnx model"
-    twin = Path(exports_dir) / choice.loss / "model.onnx"
+        runtime = OnnxHeatmaps(choice.path)
+        if runtime.precision == "int8":
+            verdict = "accuracy guard passed" if runtime.int8_passed else "accuracy guard NOT passed"
+            return runtime, "onnx-int8", f"an exported int8 .onnx model ({verdict})"
+        if backend == "onnx-int8":
+            raise ValueError(f"--backend onnx-int8: {choice.path} is not an int8 model")
+        return runtime, "onnx", "an exported .onnx model"
+    folder = Path(exports_dir) / choice.loss
+    twin, twin8 = folder / "model.onnx", folder / "model.int8.onnx"
+    if backend == "onnx-int8":
+        runtime = OnnxHeatmaps(twin8)  # FileNotFoundError names `dvc repro export`
+        note = "" if runtime.int8_passed else " (its accuracy guard did NOT pass: metrics/export.json)"
+        return runtime, "onnx-int8", f"--backend onnx-int8: {twin8}{note}"
+    notes = []
+    if backend == "auto" and twin8.is_file():
+        runtime = OnnxHeatmaps(twin8)
+        if not _exported_from(runtime, choice.path):
+            notes.append(f"{twin8} was not exported from {choice.path}")
+        elif not runtime.int8_passed:
+            notes.append(f"{twin8} did not pass its accuracy guard (metrics/export.json)")
+        else:
+            return runtime, "onnx-int8", f"{twin8}, exported from {choice.path}, accuracy guard passed"
     if backend == "onnx" or (backend == "auto" and twin.is_file()):
         runtime = OnnxHeatmaps(twin)  # FileNotFoundError names `dvc repro export`
         if backend == "onnx":
             return runtime, "onnx", f"--backend onnx: {twin}"
-        from facemarks.sources import file_sha256
-
-        if choice.path.is_file() and runtime.metadata.get("source_sha256") == file_sha256(choice.path):
-            return runtime, "onnx", f"{twin}, exported from {choice.path}"
-        why = f"{twin} was not exported from {choice.path} (run: dvc repro export)"
+        if _exported_from(runtime, choice.path):
+            return runtime, "onnx", "; ".join(notes + [f"{twin}, exported from {choice.path}"])
+        notes.append(f"{twin} was not exported from {choice.path} (run: dvc repro export)")
     else:
-        why = "no exported model" if backend == "auto" else "--backend torch"
+        notes.append("no exported model" if backend == "auto" else "--backend torch")
     from facemarks.model import load_model
 
-    return load_model(choice.path), "torch", why
+    return load_model(choice.path), "torch", "; ".join(notes)
 
 
 def predict_boxes(model: torch.nn.Module | OnnxHeatmaps, image: np.ndarray, boxes: Sequence[Sequence[float]],

@@ -8,6 +8,10 @@ The ONNX graph takes ``images`` float32 ``(N, 1, S, S)`` grey in [0, 1] and retu
 :func:`facemarks.inference.predict_heatmaps` returns, so decoding stays in :mod:`facemarks.codec`. ``N`` is dynamic,
 ``S`` fixed at export (read back from the graph). This module imports numpy and onnxruntime only, so that a
 deployment (or a future torch-free ``facemarks predict``) needs neither torch nor the training stack.
+
+An int8 file (:func:`facemarks.export.quantize_int8`, ``exports/<loss>/model.int8.onnx``) has the same interface
+(float32 in, float32 heatmaps out; the quantise / dequantise steps are inside the graph) and runs through the same
+class; :attr:`OnnxHeatmaps.precision` and :attr:`OnnxHeatmaps.int8_passed` read its metadata.
 """
 from __future__ import annotations
 
@@ -88,6 +92,17 @@ class OnnxHeatmaps:
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         self.loss = self.metadata.get("loss")
         self.threads = self.options.intra_op_num_threads
+
+    @property
+    def precision(self) -> str:
+        """``int8`` for a statically quantised file (metadata ``precision``), else ``fp32``."""
+        return "int8" if self.metadata.get("precision") == "int8" else "fp32"
+
+    @property
+    def int8_passed(self) -> bool:
+        """True for an int8 file whose accuracy guard passed (metadata ``int8_check`` = ``passed``, written by the
+        export stage after comparing it with its fp32 twin); False for fp32 files, failed or unchecked int8 ones."""
+        return self.precision == "int8" and self.metadata.get("int8_check") == "passed"
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """float32 ``(N, 1, S, S)`` in [0, 1] → heatmaps float32 ``(N, K, h, w)``."""
