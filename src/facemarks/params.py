@@ -73,12 +73,24 @@ class Local:
 
 
 @dataclass(frozen=True)
+class Photos:
+    path: str = _p("", doc="folder of unlabelled photos; dlib's predictor labels them (facemarks.teacher)")
+    synthetic: int = _p(1500, 0, 1_000_000, doc="synthetic training faces that stay beside the photos")
+    repeat: int = _p(4, 1, 1000, doc="times each training photo is listed in train.xml (its draws per epoch)")
+    test_fraction: float = _p(0.2, 0, 0.9, doc="photos (by file) that go to the test split; 0: all train")
+    upsample: int = _p(1, 0, 3, doc="dlib HOG detector upsampling (1: faces down to about 40 px)")
+    min_score: float = _p(0.0, 0, 10, doc="dlib detections below this SVM score are skipped (0: dlib's threshold)")
+    cache_dir: str = _p("data/cache/teacher", pattern=r"^[^~]+$", doc="teacher labels cached by image SHA-256")
+
+
+@dataclass(frozen=True)
 class Data:
-    source: str = _p("synthetic", choices=("synthetic", "ibug300w", "local"))
+    source: str = _p("synthetic", choices=("synthetic", "ibug300w", "local", "photos"))
     on_bad: str = _p("error", choices=("error", "skip"))
     synthetic: Synthetic = field(default_factory=Synthetic)
     ibug300w: Ibug300w = field(default_factory=Ibug300w)
     local: Local = field(default_factory=Local)
+    photos: Photos = field(default_factory=Photos)
 
 
 @dataclass(frozen=True)
@@ -120,8 +132,13 @@ class Encode:
     roundtrip_points: int = _p(2000, 1, 10_000_000)
 
 
+LOSS_NAMES = ("mse", "bce", "awing")  # facemarks.model.LOSSES (kept here so that params never imports torch)
+
+
 @dataclass(frozen=True)
 class Train:
+    losses: tuple[str, ...] = _p(("mse", "bce"), choices=LOSS_NAMES,
+                                 doc="the losses the pipeline trains, exports, evaluates and compares (a list)")
     epochs_phase1: int = _p(2, 1, 1000)
     epochs_phase2: int = _p(1, 0, 1000)
     lr: float = _p(1e-3, 0, 10, lo_open=True)
@@ -189,6 +206,8 @@ class Params:
                               "heatmaps are 1/4 of the input)")
         if self.data.source == "local" and not self.data.local.path:
             raise ParamsError("data.local.path is empty: set it to a folder when data.source = local")
+        if self.data.source == "photos" and not self.data.photos.path:
+            raise ParamsError("data.photos.path is empty: set it to a folder of photos when data.source = photos")
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -211,6 +230,8 @@ def _type_name(tp: Any) -> str:
 def _coerce(key: str, f: dataclasses.Field, tp: type, value: Any) -> Any:
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
+    if typing.get_origin(tp) is tuple:
+        return _coerce_names(key, f, value)
     ok = (
         (tp is bool and isinstance(value, bool))
         or (tp is int and isinstance(value, int) and not isinstance(value, bool))
@@ -233,6 +254,22 @@ def _coerce(key: str, f: dataclasses.Field, tp: type, value: Any) -> Any:
     if tp is str and m.get("pattern") and not re.match(m["pattern"], value):
         raise ParamsError(f"{key} = {value!r} is not allowed: expected {_describe(f)}")
     return value
+
+
+def _coerce_names(key: str, f: dataclasses.Field, value: Any) -> tuple[str, ...]:
+    """A list of names (``train.losses``): non-empty, no repeats, each one of the field's ``choices``."""
+    allowed = ", ".join(f.metadata["choices"])
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ParamsError(f"{key} = {value!r} has the wrong type: expected a list of names, each one of {allowed}")
+    if not value:
+        raise ParamsError(f"{key} is empty: list at least one of {allowed}")
+    unknown = [v for v in value if v not in f.metadata["choices"]]
+    if unknown:
+        raise ParamsError(f"{key} = {list(value)!r}: {', '.join(map(repr, unknown))} not allowed: each one of {allowed}")
+    repeated = sorted({v for v in value if list(value).count(v) > 1})
+    if repeated:
+        raise ParamsError(f"{key} = {list(value)!r} lists {', '.join(map(repr, repeated))} more than once")
+    return tuple(value)
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:

@@ -1,4 +1,4 @@
-"""The three data sources of the ``download`` stage → images + dlib XML for train and test.
+"""The data sources of the ``download`` stage → images + dlib XML for train and test.
 
 Every source writes the same layout into ``out_dir`` (``data/raw`` in the pipeline), built in a temporary
 folder and renamed into place (:func:`facemarks.atomic.atomic_dir`), so ``data/raw`` is either the old complete
@@ -18,6 +18,12 @@ Sources (``data.source``):
   are 1-indexed and are shifted to the project's 0-indexed pixel centres; the face box of a ``.pts`` face is the
   tight box of its points, ``(min x, min y, max x − min x + 1, max y − min y + 1)``, so every point lies inside it.
   The used images are copied under ``images/<split>/`` (``data/raw`` must be self-contained for DVC).
+- ``photos``: a folder of unlabelled photos (``data.photos.path``) labelled by dlib's 68-point predictor as teacher
+  (:mod:`facemarks.teacher`: every face dlib's HOG detector finds, the detector box mapped onto the training-box
+  convention, labels cached by image SHA-256), split by file (``data.photos.test_fraction``), mixed with
+  ``data.photos.synthetic`` synthetic training faces (and ``data.synthetic.n_test`` synthetic test faces); each
+  training photo is listed ``data.photos.repeat`` times. Photos are copied byte for byte under
+  ``images/photos/<split>/``; ``teacher.json`` records per photo its SHA-256, split and the teacher of each face.
 
 Every record is validated (:func:`validate_records`): missing or undecodable image, wrong point count,
 non-finite or absurd coordinates (farther than one image size outside the image), zero-area box, duplicate
@@ -81,6 +87,11 @@ def fetch(data: Data, seed: int, out_dir: Path, progress: bool | None = None) ->
     if data.source == "ibug300w":
         # Download outside the temporary tree: the cached tarball survives a failed extraction.
         tar_path, digest = fetch_ibug_archive(data.ibug300w, progress)
+    if data.source == "photos":
+        from facemarks import teacher as teach
+
+        photo_files = teach.preflight(data.photos)  # no images / no peers extra: one line, before any work
+        tutor = teach.Teacher(data.photos.cache_dir, data.photos.upsample, data.photos.min_score)
     skipped: collections.Counter = collections.Counter()
     with atomic_dir(out_dir) as tmp:
         if data.source == "synthetic":
@@ -90,11 +101,21 @@ def fetch(data: Data, seed: int, out_dir: Path, progress: bool | None = None) ->
             extra = {"url": data.ibug300w.url, "sha256": digest, "archive": tar_path.name}
         elif data.source == "local":
             splits, extra = _local_splits(data.local, seed, data.on_bad, skipped), {"local_path": data.local.path}
+        elif data.source == "photos":
+            splits, photo_images, teacher_summary = _photos_splits(data, seed, tmp, photo_files, tutor, skipped)
         else:
-            raise DataError(f"data.source = {data.source!r}: unknown source (synthetic, ibug300w, local)")
+            raise DataError(f"data.source = {data.source!r}: unknown source (synthetic, ibug300w, local, photos)")
         checked, stats = validate_splits(splits, data.on_bad, skipped)
         if data.source == "local":
             kept = _copy_local_images(checked, tmp)
+        elif data.source == "photos":
+            kept = teach.mix(checked, tmp, photo_images, data.photos.repeat)
+            teacher_summary.update(repeat=data.photos.repeat, n_synthetic_train=data.photos.synthetic,
+                                   n_photo_train_listings=sum(data.photos.repeat * len(photo_images[f]["faces"])
+                                                              for f in photo_images
+                                                              if photo_images[f]["split"] == "train"))
+            teach.write_record(tmp, photo_images, tutor, teacher_summary)
+            extra = {"photos_path": data.photos.path, "teacher": teacher_summary}
         else:
             kept = {split: [rec for _, rec in items] for split, items in checked.items()}
         for split, records in kept.items():
@@ -108,6 +129,8 @@ def fetch(data: Data, seed: int, out_dir: Path, progress: bool | None = None) ->
         summary[f"n_{split}_faces"] = sum(len(r.faces) for r in records)
     if skipped:
         log.warning("skipped %d bad item(s): %s", summary["n_skipped"], summary["skipped"])
+    if data.source == "photos":
+        summary["run"] = tutor.counters()  # run facts (cache hits, dlib calls): the stage moves them to timings/
     return summary
 
 
@@ -127,6 +150,23 @@ def _synthetic_splits(data: Data, seed: int, root: Path) -> Splits:
         records = synthetic.generate_split(root, split, n, seed, cfg)  # seeded per (seed, split, image)
         splits[split] = [(root / r.file, r) for r in records]
     return splits
+
+
+def _photos_splits(data: Data, seed: int, root: Path, files: list[Path], tutor, skipped: collections.Counter):
+    """``data.photos.synthetic`` synthetic training faces (the first of the synthetic source's, same seed) and
+    ``data.synthetic.n_test`` synthetic test faces, plus the teacher-labelled photos split by file
+    (:func:`facemarks.teacher.photo_items`) → ``(splits, photo record, teacher summary)``."""
+    from facemarks import synthetic, teacher
+
+    cfg = data.synthetic
+    splits: Splits = {}
+    for split, n in (("train", data.photos.synthetic), ("test", cfg.n_test)):
+        records = synthetic.generate_split(root, split, n, seed, cfg) if n else []
+        splits[split] = [(root / r.file, r) for r in records]
+    photos, images, summary = teacher.photo_items(files, data.photos, seed, tutor, data.on_bad, skipped)
+    for split in splits:
+        splits[split] += photos[split]
+    return splits, images, summary
 
 
 # ================================================================================================ ibug300w

@@ -1,0 +1,286 @@
+"""Photos study (issue 25): what N teacher-labelled photos of one's own add to the synthetic default.
+
+Data: ``../shared/real-photos`` (validation-only photos, never copied into the repository: the work folders link to
+them). Fixed split by file name: the files sorted by name, ``contact.png`` (a contact sheet) left out; every third
+file (sorted index ``i % 3 == 2``) is the **validation part**, the others the **training part**. The training part is
+put in one fixed order (``numpy.random.default_rng(25).permutation``) and the first N of that order are the N
+training photos, so 20 ⊂ 40 ⊂ all.
+
+Settings: N = 0 (``data.source: synthetic``, the default) and N = 20, 40, all (``data.source: photos``,
+``data.photos.test_fraction: 0`` so every one of the N photos is training, ``data.photos.synthetic: 1500``,
+``repeat: 4``), each with training seeds 0 and 1 (``train.seed``), the MSE loss only, at ``params.yaml``'s budget
+(96 px, 2 + 1 epochs). Each setting runs the real stage scripts (download → augment → encode → train@mse) in a work
+folder of its own, ``.studies/photos/n<N>/`` (gitignored); the teacher's cache (``.studies/photos/teacher-cache``)
+is shared, so dlib labels each photo once.
+
+Measured per row (model of one setting and seed, decoder DARK):
+
+- ``val``: NME (%, inter-ocular of dlib's points) on every face dlib's HOG detector finds (upsample 1) in the
+  validation part, the model given **dlib's own detector box** (as :mod:`facemarks.real_photos` does for the bundled
+  portraits) — ``val_nme_median`` / ``val_nme_mean``; ``val_mapped_*``: the same faces given the mapped box that
+  ``predict`` feeds the model (:func:`facemarks.detect.map_box`);
+- ``portraits``: NME from dlib's points on the two bundled portraits (astronaut, Grace Hopper), dlib's box;
+- ``synthetic_test``: the synthetic test split (300 faces, true boxes), NME median.
+
+Usage (repo root)::
+
+    nohup python studies/photos_study.py run > .studies/photos/log.txt 2>&1 &   # all rows not yet written
+    python studies/photos_study.py report                                     # table + figure from the rows
+
+Rows: ``reports/photos/rows/n<N>_s<seed>.json``; report: ``reports/photos/README.md`` (table) and
+``reports/photos/curve.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PHOTOS = ROOT.parent / "shared" / "real-photos"
+WORK = ROOT / ".studies" / "photos"
+CACHE = WORK / "teacher-cache"
+REPORT = ROOT / "reports" / "photos"
+ROWS = REPORT / "rows"
+SKIP = ("contact.png",)
+ORDER_SEED = 25
+N_SETTINGS = (0, 67, 20, 40)   # run order: the two ends of the curve first
+SEEDS = (0, 1)
+DECODER = "dark"
+
+
+def split_files(folder: Path = PHOTOS) -> tuple[list[Path], list[Path]]:
+    """``(training part in its fixed order, validation part by name)``."""
+    from facemarks.io import list_images
+
+    files = [p for p in list_images(folder) if p.name not in SKIP]
+    val = [p for i, p in enumerate(files) if i % 3 == 2]
+    train = [p for i, p in enumerate(files) if i % 3 != 2]
+    order = np.random.default_rng(ORDER_SEED).permutation(len(train))
+    return [train[i] for i in order], val
+
+
+def _set(doc: dict, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    node = doc
+    for p in parents:
+        node = node[p]
+    node[last] = value
+
+
+def prepare(n: int, train_part: list[Path]) -> Path:
+    work = WORK / f"n{n}"
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    shutil.copytree(ROOT / "stages", work / "stages")
+    doc = yaml.safe_load((ROOT / "params.yaml").read_text())
+    _set(doc, "base.study", "photos")
+    if n:
+        folder = work / "photos"
+        folder.mkdir()
+        for p in train_part[:n]:
+            (folder / p.name).symlink_to(p)
+        for key, value in (("data.source", "photos"), ("data.photos.path", str(folder)),
+                           ("data.photos.test_fraction", 0.0), ("data.photos.cache_dir", str(CACHE))):
+            _set(doc, key, value)
+    (work / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    return work
+
+
+CODE = WORK / "src"  # a snapshot of the library taken when the run starts: every row runs the same code
+
+
+def snapshot() -> None:
+    if CODE.exists():
+        shutil.rmtree(CODE)
+    shutil.copytree(ROOT / "src", CODE, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    sys.path.insert(0, str(CODE))
+
+
+def _env(work: Path) -> dict:
+    return dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}", PYTHONPATH=str(CODE))
+
+
+def run(cmd: list[str], work: Path) -> float:
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, *cmd], cwd=work, env=_env(work), check=True)
+    return time.perf_counter() - t0
+
+
+def measure(work: Path, val: list[Path]) -> dict:
+    """The MSE model of ``work`` on the validation photos, the bundled portraits and the synthetic test split."""
+    from facemarks.augment import invert_points
+    from facemarks.detect import map_box
+    from facemarks.evaluation import real_photo_rows
+    from facemarks.inference import predict_crops
+    from facemarks.io import read_image
+    from facemarks.metrics import nme, normaliser
+    from facemarks.model import load_model
+    from facemarks.predict import predict_boxes
+    from facemarks.store import read_split
+    from facemarks.teacher import Teacher
+
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    size, margin, sigma = params["augment"]["size"], params["augment"]["margin"], params["encode"]["sigma"]
+    model = load_model(work / "models/mse/model.pt")
+    teacher = Teacher(CACHE, 1)
+    errs, errs_mapped, files = [], [], []
+    for path in val:
+        labels = teacher.label(path)
+        if not labels.faces:
+            continue
+        image = read_image(path)
+        raw = [f.detector_box for f in labels.faces]
+        mapped = [map_box(f.detector_box, "dlib", f.component) for f in labels.faces]
+        gt = np.stack([f.points for f in labels.faces])  # (F, 68, 2)
+        for boxes, out in ((raw, errs), (mapped, errs_mapped)):
+            pred = predict_boxes(model, image, boxes, "mse", size=size, margin=margin, sigma=sigma,
+                                 decoder=DECODER)[0]
+            out.extend((100 * nme(pred, gt, normaliser(gt, "io"))).tolist())
+        files += [path.name] * len(gt)
+    test = read_split(work / "data/augmented/test")
+    points = predict_crops(model, np.asarray(test.images), "mse", sigma, DECODER)[0]
+    pred = invert_points(points, np.asarray(test.transform))
+    gt = np.asarray(test.orig_points)
+    syn = 100 * nme(pred, gt, normaliser(gt, "io"))
+    portraits = real_photo_rows({"mse": model}, {"mse": {"best_decoder": DECODER}}, size=size, margin=margin,
+                                sigma=sigma)["mse"]
+    return {"val_n_photos": len(set(files)), "val_n_faces": len(errs),
+            "val_nme_median": float(np.median(errs)), "val_nme_mean": float(np.mean(errs)),
+            "val_mapped_nme_median": float(np.median(errs_mapped)), "val_mapped_nme_mean": float(np.mean(errs_mapped)),
+            "val_nme_per_face": [round(e, 4) for e in errs], "val_files": files,
+            "portraits": portraits, "synthetic_test_nme_median": float(np.median(syn))}
+
+
+def run_all(settings: tuple[int, ...], seeds: tuple[int, ...]) -> None:
+    if not PHOTOS.is_dir():
+        sys.exit(f"photos study: {PHOTOS} is absent")
+    snapshot()
+    train_part, val = split_files()
+    ROWS.mkdir(parents=True, exist_ok=True)
+    for n in settings:
+        n = min(n, len(train_part))
+        todo = [s for s in seeds if not (ROWS / f"n{n}_s{s}.json").is_file()]
+        if not todo:
+            continue
+        work = prepare(n, train_part)
+        seconds = {s: run(["stages/" + s + ".py"], work) for s in ("download", "augment", "encode")}
+        download = json.loads((work / "metrics/download.json").read_text())
+        for seed in todo:
+            doc = yaml.safe_load((work / "params.yaml").read_text())
+            doc["train"]["seed"] = seed
+            (work / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+            secs = run(["stages/train.py", "--loss", "mse"], work)
+            train = json.loads((work / "metrics/train_mse.json").read_text())
+            row = {"name": f"n{n}_s{seed}", "n_photos": n, "train_seed": seed,
+                   "train_photos": sorted(p.name for p in train_part[:n]),
+                   "teacher": download.get("teacher"), "n_train_faces": download["n_train_faces"],
+                   "measured": measure(work, val), "val_nme_during_training": train.get("final_val_nme"),
+                   "seconds": {**seconds, "train@mse": secs},
+                   "load_average_1min": os.getloadavg()[0],
+                   "budget": {k: doc["train"][k] for k in ("epochs_phase1", "epochs_phase2")} | {"size": doc["augment"]["size"]}}
+            (ROWS / f"{row['name']}.json").write_text(json.dumps(row, indent=1, sort_keys=True) + "\n")
+            print(f"row {row['name']}: val median {row['measured']['val_nme_median']:.2f} %", flush=True)
+            report()
+
+
+def report() -> None:
+    rows = [json.loads(p.read_text()) for p in sorted(ROWS.glob("*.json"))]
+    if not rows:
+        return
+    by_n: dict[int, list[dict]] = {}
+    for r in rows:
+        by_n.setdefault(r["n_photos"], []).append(r)
+    lines = ["# Photos study (issue 25): synthetic faces + N teacher-labelled photos", "",
+             "Generated by `python studies/photos_study.py report` from `rows/*.json` (one row per setting and training "
+             "seed).", "",
+             "Split of `../shared/real-photos` (fixed, by file name): files sorted by name, `contact.png` left out; every "
+             "third file (sorted index i % 3 == 2) is the validation part, the rest the training part; the first N of the "
+             f"training part in the order `numpy.random.default_rng({ORDER_SEED}).permutation` are the N training photos "
+             "(20 ⊂ 40 ⊂ all). N = 0 is the synthetic default; N > 0 is `data.source: photos` with 1,500 synthetic faces, "
+             "each photo's faces listed 4 times. Budget: params.yaml (96 px, 2 + 1 epochs), MSE loss, DARK decoder.", "",
+             "Scores: NME (%, inter-ocular, from dlib's points) — *validation*: every face dlib finds in the validation "
+             "photos, the model given dlib's detector box (and, *mapped*, the box `predict` gives it); *portraits*: the "
+             "two bundled portraits in dlib's box (neither is in `../shared`); *synthetic test*: 300 synthetic test faces. "
+             "dlib itself is about 3-4 % from human markup on such portraits, so values near that are the teacher's limit.",
+             "", "| N photos | train seed | train faces | val faces | val median % | val mean % | val median, mapped box % "
+             "| astronaut % | Grace Hopper % | synthetic test median % | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for n in sorted(by_n):
+        for r in sorted(by_n[n], key=lambda r: r["train_seed"]):
+            m = r["measured"]
+            lines.append(f"| {n} | {r['train_seed']} | {r['n_train_faces']} | {m['val_n_faces']} | "
+                         f"{m['val_nme_median']:.2f} | {m['val_nme_mean']:.2f} | {m['val_mapped_nme_median']:.2f} | "
+                         f"{m['portraits'].get('astronaut', float('nan')):.2f} | "
+                         f"{m['portraits'].get('grace_hopper', float('nan')):.2f} | {m['synthetic_test_nme_median']:.2f} | "
+                         f"{r['seconds']['train@mse']:.0f} |")
+    lines += ["", "Mean over training seeds:", "", "| N photos | seeds | val median % | val median, mapped box % | "
+              "portraits mean % | synthetic test median % |", "|---|---|---|---|---|---|"]
+    summary = {}
+    for n in sorted(by_n):
+        ms = [r["measured"] for r in by_n[n]]
+        summary[n] = {k: float(np.mean([m[k] for m in ms])) for k in ("val_nme_median", "val_mapped_nme_median",
+                                                                        "synthetic_test_nme_median")}
+        summary[n]["portraits"] = float(np.mean([m["portraits"].get("mean", np.nan) for m in ms]))
+        s = summary[n]
+        lines.append(f"| {n} | {len(ms)} | {s['val_nme_median']:.2f} | {s['val_mapped_nme_median']:.2f} | "
+                     f"{s['portraits']:.2f} | {s['synthetic_test_nme_median']:.2f} |")
+    loads = [r.get("load_average_1min") for r in rows if r.get("load_average_1min") is not None]
+    if loads:
+        lines += ["", f"Machine: 2 shared CPU cores, 1-min load average {min(loads):.1f}-{max(loads):.1f} when the rows "
+                  "finished (train seconds are not a speed benchmark)."]
+    REPORT.mkdir(parents=True, exist_ok=True)
+    (REPORT / "README.md").write_text("\n".join(lines) + "\n")
+    _figure(by_n)
+
+
+def _figure(by_n: dict[int, list[dict]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ns = sorted(by_n)
+    for key, label, marker in (("val_nme_median", "validation photos (dlib's box)", "o"),
+                               ("val_mapped_nme_median", "validation photos (mapped box)", "s")):
+        for n in ns:
+            ax.scatter([n] * len(by_n[n]), [r["measured"][key] for r in by_n[n]], marker=marker, alpha=0.4,
+                       color="C0" if marker == "o" else "C1")
+        ax.plot(ns, [np.mean([r["measured"][key] for r in by_n[n]]) for n in ns], marker=marker, label=label,
+                color="C0" if marker == "o" else "C1")
+    ax.plot(ns, [np.mean([r["measured"]["portraits"].get("mean", np.nan) for r in by_n[n]]) for n in ns],
+            marker="^", label="bundled portraits (mean of 2)", color="C2")
+    ax.axhline(4.0, color="grey", lw=0.8, ls="--", label="goal: 4 %")
+    ax.set_xlabel("teacher-labelled training photos added to 1,500 synthetic faces")
+    ax.set_ylabel("median NME from dlib's points (%)")
+    ax.set_title("MSE model, 96 px, 2 + 1 epochs; dots: training seeds")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(REPORT / "curve.png")
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("what", choices=("run", "report"))
+    ap.add_argument("--n", type=int, nargs="*", default=list(N_SETTINGS), help="settings (photos added)")
+    ap.add_argument("--seeds", type=int, nargs="*", default=list(SEEDS))
+    args = ap.parse_args()
+    if args.what == "run":
+        run_all(tuple(args.n), tuple(args.seeds))
+    report()
+
+
+if __name__ == "__main__":
+    main()
