@@ -17,15 +17,37 @@ from facemarks.codec import HeatmapCodec
 from facemarks.model import STRIDE, images_to_tensor, outputs_to_heatmaps
 from facemarks.runtime import OnnxHeatmaps
 
-@torch.inference_mode()
 def predict_heatmaps(model: torch.nn.Module | OnnxHeatmaps, images: np.ndarray, loss: str, batch_size: int = 64,
-                     device: str | torch.device = "cpu") -> np.ndarray:
+                     device: str | torch.device = "cpu", flip: bool = False) -> np.ndarray:
     """uint8 crops ``(N, S, S)`` → heatmaps float32 ``(N, K, S/4, S/4)`` in target units (sigmoid for ``bce``).
 
     ``model`` is a torch module, or an exported model on onnxruntime (:class:`facemarks.runtime.OnnxHeatmaps`: its
     graph already ends in the ``bce`` sigmoid; ``device`` does not apply). Everything built on this function
     (:func:`predict_crops`, :func:`time_per_face`, :mod:`facemarks.predict`) takes either.
+
+    ``flip``: flip test-time augmentation — the maps of each crop and of its mirror image, the mirror's maps flipped
+    back and their channels permuted with the 68-point mirror permutation (:func:`unflip_heatmaps`), averaged
+    (twice the network cost).
     """
+    heat = _heatmaps(model, images, loss, batch_size, device)
+    if flip:
+        mirrored = _heatmaps(model, np.ascontiguousarray(np.asarray(images)[:, :, ::-1]), loss, batch_size, device)
+        heat = 0.5 * (heat + unflip_heatmaps(mirrored))
+    return heat
+
+
+def unflip_heatmaps(heatmaps: np.ndarray) -> np.ndarray:
+    """Maps ``(N, K, h, w)`` predicted on mirrored crops → maps of the original crops: channel ``j`` is the mirror's
+    channel ``MIRROR[j]`` flipped left-right (the map grid is centre-aligned with the crop, so an array flip is the
+    exact mirror ``x → S − 1 − x``; :mod:`facemarks.codec`)."""
+    from facemarks.landmarks import MIRROR
+
+    return np.ascontiguousarray(np.asarray(heatmaps)[:, MIRROR, :, ::-1])
+
+
+@torch.inference_mode()
+def _heatmaps(model: torch.nn.Module | OnnxHeatmaps, images: np.ndarray, loss: str, batch_size: int,
+              device: str | torch.device) -> np.ndarray:
     if isinstance(model, OnnxHeatmaps):
         if model.loss not in (None, loss):
             raise ValueError(f"predict_heatmaps: {model.path} was exported for loss {model.loss!r}, not {loss!r}")
@@ -47,9 +69,10 @@ def make_codec(input_size: int, sigma: float) -> HeatmapCodec:
 
 def predict_crops(model: torch.nn.Module | OnnxHeatmaps, images: np.ndarray, loss: str, sigma: float,
                   decoder: str = "subpixel", batch_size: int = 64,
-                  device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """uint8 crops ``(N, S, S)`` → points ``(N, K, 2)`` crop px, confidence ``(N, K)``, heatmaps ``(N, K, h, w)``."""
-    heat = predict_heatmaps(model, images, loss, batch_size, device)
+                  device: str | torch.device = "cpu", flip: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """uint8 crops ``(N, S, S)`` → points ``(N, K, 2)`` crop px, confidence ``(N, K)``, heatmaps ``(N, K, h, w)``
+    (``flip``: flip test-time augmentation, :func:`predict_heatmaps`)."""
+    heat = predict_heatmaps(model, images, loss, batch_size, device, flip)
     points, conf = make_codec(images.shape[-1], sigma).decode(heat, decoder)
     return np.asarray(points, np.float64), np.asarray(conf, np.float32), heat
 
