@@ -99,7 +99,9 @@ def prepare(n: int, train_part: list[Path]) -> Path:
 CODE = WORK / "src"  # a snapshot of the library taken when the run starts: every row runs the same code
 
 
-def snapshot() -> None:
+def snapshot(tag: str) -> None:
+    global CODE
+    CODE = WORK / f"src-{tag}"  # one per invocation: two runs (different settings) can go side by side
     if CODE.exists():
         shutil.rmtree(CODE)
     shutil.copytree(ROOT / "src", CODE, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
@@ -164,7 +166,7 @@ def measure(work: Path, val: list[Path]) -> dict:
 def run_all(settings: tuple[int, ...], seeds: tuple[int, ...]) -> None:
     if not PHOTOS.is_dir():
         sys.exit(f"photos study: {PHOTOS} is absent")
-    snapshot()
+    snapshot("-".join(map(str, settings)))
     train_part, val = split_files()
     ROWS.mkdir(parents=True, exist_ok=True)
     for n in settings:

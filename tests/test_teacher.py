@@ -115,6 +115,8 @@ def test_mixing_keeps_the_synthetic_faces_and_lists_each_training_photo_repeat_t
     assert all([r.file for r in test].count(f) == 1 for f in photo_test)
     assert summary["teacher"]["n_photo_train_listings"] == 3 * sum(len(record["images"][f]["faces"]) for f in photo_train)
     assert teacher.teacher_files(raw, "test") == {f: "dlib68" for f in photo_test}
+    mask = teacher.teacher_mask(raw, [r.file for r in test for _ in r.faces])  # one entry per test face
+    assert mask.tolist() == [r.file in photo_test for r in test for _ in r.faces] and 0 < mask.sum() < len(mask)
 
 
 def test_a_rerun_reads_the_cache_and_never_calls_dlib(fetched):

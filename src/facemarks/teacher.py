@@ -339,6 +339,13 @@ def teacher_files(raw_dir: str | Path, split: str | None = None) -> dict[str, st
     return {f: TEACHER for f, rec in images.items() if split is None or rec.get("split") == split}
 
 
+def teacher_mask(raw_dir: str | Path, files: Iterable[str]) -> np.ndarray:
+    """``(N,)`` bool: which of ``files`` (e.g. an augmented split's ``meta["files"]``, one per sample) the teacher
+    labelled — their NME is "from dlib's points", to be reported apart from faces with real ground truth."""
+    taught = teacher_files(raw_dir)
+    return np.array([str(f) in taught for f in files], dtype=bool)
+
+
 def training_photo_hashes(raw_dir: str | Path) -> set[str]:
     """SHA-256 of every photo the ``photos`` source put in the training split of ``raw_dir`` (empty otherwise)."""
     images = read_record(raw_dir)["images"]
@@ -358,5 +365,5 @@ def check_no_overlap(paths: Iterable[str | Path], hashes: set[str], key: str = "
 
 
 __all__ = ["preflight", "Teacher", "photo_items", "mix", "Labelled", "PhotoLabels", "split_by_file", "write_record", "read_record",
-           "teacher_files", "training_photo_hashes", "check_no_overlap", "file_sha256", "RECORD", "TEACHER",
+           "teacher_files", "teacher_mask", "training_photo_hashes", "check_no_overlap", "file_sha256", "RECORD", "TEACHER",
            "MAX_OUTSIDE"]
