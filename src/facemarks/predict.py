@@ -22,7 +22,13 @@ from facemarks.inference import predict_crops
 from facemarks.model import LOSSES
 from facemarks.runtime import OnnxHeatmaps
 
-DEFAULT_LOSS = "mse"  # used when metrics/eval.json names no winner
+DEFAULT_LOSS = "mse"  # used when metrics/eval.json names no winner (and mse was evaluated)
+
+
+def fallback_loss(losses: Sequence[str] | None) -> str:
+    """The loss used when no winner is named: :data:`DEFAULT_LOSS` when it is among ``losses`` (or ``losses`` is
+    unknown), else the first of ``losses`` (``train.losses`` without mse)."""
+    return DEFAULT_LOSS if not losses or DEFAULT_LOSS in losses else str(losses[0])
 
 
 @dataclass(frozen=True)
@@ -40,7 +46,9 @@ def choose_model(loss: str | None = None, model: str | Path | None = None, eval_
 
     ``--model`` and/or ``--loss`` win when given (``--model`` alone: the loss is its folder name, as in
     ``models/<loss>/model.pt``; else ``ValueError``). Otherwise ``models/<winner>/model.pt`` with the ``winner`` of
-    ``eval_json``; when that is null (no conclusive winner), absent, or the file is missing: ``models/mse``.
+    ``eval_json`` (any loss of :data:`facemarks.model.LOSSES`, e.g. ``awing``); when that is null (no loss better than
+    every other), absent, or the file is missing: ``models/mse``, or the first loss of the report's ``losses`` when
+    it has no mse (:func:`fallback_loss`).
     """
     if model is not None:
         path = Path(model)
@@ -58,15 +66,17 @@ def choose_model(loss: str | None = None, model: str | Path | None = None, eval_
         return ModelChoice(Path(models_dir) / DEFAULT_LOSS / "model.pt", DEFAULT_LOSS, why)
     report = json.loads(path.read_text(encoding="utf-8"))
     winner = report.get("winner")
+    losses = report.get("losses") if isinstance(report.get("losses"), list) else None
+    default = fallback_loss(losses)
     if winner in LOSSES:
         why = f"winner in {path}"
         margin = report.get("winner_margin_nme")
         if isinstance(margin, (int, float)):
             why += f" (lower test NME by {margin:.2f} points)"
         return ModelChoice(Path(models_dir) / winner / "model.pt", winner, why)
-    why = (f"{path} names no winner (not conclusive): {DEFAULT_LOSS} by default" if "winner" in report and winner is None
-           else f"{path} has no valid winner ({winner!r}): {DEFAULT_LOSS} by default")
-    return ModelChoice(Path(models_dir) / DEFAULT_LOSS / "model.pt", DEFAULT_LOSS, why)
+    why = (f"{path} names no winner (not conclusive): {default} by default" if "winner" in report and winner is None
+           else f"{path} has no valid winner ({winner!r}): {default} by default")
+    return ModelChoice(Path(models_dir) / default / "model.pt", default, why)
 
 
 def best_decoder(loss: str, default: str, eval_json: str | Path = "metrics/eval.json") -> str:
@@ -153,10 +163,11 @@ def predict_boxes(model: torch.nn.Module | OnnxHeatmaps, image: np.ndarray, boxe
 
 def predict_many(model: torch.nn.Module | OnnxHeatmaps, items: Sequence[tuple[np.ndarray, Sequence[Sequence[float]]]],
                  loss: str, *, size: int, margin: float = 0.25, sigma: float = 1.5, decoder: str = "subpixel", batch_size: int = 64,
-                 device: str | torch.device = "cpu") -> list[tuple[np.ndarray, np.ndarray]]:
+                 device: str | torch.device = "cpu", flip: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
     """``items``: ``(image, boxes (F_i, 4))`` pairs → per item, points ``(F_i, K, 2)`` image px and confidence
     ``(F_i, K)``. Each face is cropped with :func:`facemarks.augment.face_crop` at ``size`` with ``margin``, all crops
-    are predicted in batches of ``batch_size``, and points are mapped back with :func:`facemarks.augment.invert_points`."""
+    are predicted in batches of ``batch_size`` (``flip``: flip test-time augmentation, :func:`facemarks.inference.predict_heatmaps`),
+    and points are mapped back with :func:`facemarks.augment.invert_points`."""
     from facemarks.augment import face_crop, invert_points
 
     crops, transforms, counts = [], [], []
@@ -168,7 +179,7 @@ def predict_many(model: torch.nn.Module | OnnxHeatmaps, items: Sequence[tuple[np
         counts.append(len(boxes))
     if not crops:
         return [(np.zeros((0, 68, 2)), np.zeros((0, 68), np.float32)) for _ in counts]
-    points, conf, _ = predict_crops(model, np.stack(crops), loss, sigma, decoder, batch_size, device)
+    points, conf, _ = predict_crops(model, np.stack(crops), loss, sigma, decoder, batch_size, device, flip)
     points = np.asarray(invert_points(points, np.stack(transforms)), np.float64)
     ends = np.cumsum(counts)
     return [(points[e - n:e], conf[e - n:e]) for n, e in zip(counts, ends)]
@@ -178,10 +189,13 @@ def predict_image(model: torch.nn.Module | OnnxHeatmaps, image: np.ndarray, loss
                   size: int, margin: float = 0.25, sigma: float = 1.5, decoder: str = "subpixel",
                   device: str | torch.device = "cpu", detector: str = "auto") -> list[dict[str, Any]]:
     """Predict every face of an image (or the one in ``box``): ``[{"box", "points" (K, 2) image px, "confidence"
-    (K,), "detector", "score", "detector_box"}]``, best detection first; ``[]`` when no face is found.
+    (K,), "landmark_confidence", "detector", "rotation", "merged", "score", "detector_box"}]``; ``[]`` when no face
+    is found.
 
-    Faces come from :func:`facemarks.detect.detect` with ``detector`` (boxes mapped to the training convention);
-    a given ``box`` is used as-is (``detector`` ``"given"``, ``score`` None).
+    Faces come from :func:`facemarks.detect.detect` with ``detector`` (boxes mapped to the training convention,
+    overlapping detections of one face merged); a given ``box`` is used as-is (``detector`` ``"given"``, ``score``
+    None). ``landmark_confidence`` is the mean of the model's per-point confidence (heatmap peak: a false positive
+    scores low). Order: :func:`face_rank` (box side × landmark confidence), highest first.
     """
     if box is not None:
         b = tuple(float(v) for v in box)
@@ -190,17 +204,33 @@ def predict_image(model: torch.nn.Module | OnnxHeatmaps, image: np.ndarray, loss
         found = detect(image, detector)
     points, conf = predict_boxes(model, image, [d.box for d in found], loss, size=size, margin=margin, sigma=sigma,
                                  decoder=decoder, device=device)
-    return [{"box": [float(v) for v in d.box], "points": points[i], "confidence": conf[i], "detector": d.detector,
-             "score": d.score, "detector_box": [float(v) for v in d.raw_box]} for i, d in enumerate(found)]
+    faces = [{"box": [float(v) for v in d.box], "points": points[i], "confidence": conf[i],
+              "landmark_confidence": float(np.mean(conf[i])), "detector": d.detector, "rotation": float(d.rotation),
+              "merged": list(d.merged), "score": d.score, "detector_box": [float(v) for v in d.raw_box]}
+             for i, d in enumerate(found)]
+    return sorted(faces, key=face_rank, reverse=True)  # stable: ties keep the detector's order
+
+
+def face_rank(face: dict[str, Any]) -> float:
+    """The order of :func:`predict_image`'s faces: box side (px, ``sqrt(w·h)``) × landmark confidence — the large,
+    clearly drawn main face first, a small or doubtful detection last; the same rule for every detector (their own
+    scores are not on one scale)."""
+    w, h = face["box"][2], face["box"][3]
+    return float(np.sqrt(max(w * h, 0.0)) * face["landmark_confidence"])
 
 
 def face_to_json(face: dict[str, Any]) -> dict[str, Any]:
-    """A :func:`predict_image` face as plain JSON types (points as ``[[x, y], ...]`` image px)."""
+    """A :func:`predict_image` face as plain JSON types (points as ``[[x, y], ...]`` image px; ``rotation``: degrees
+    counter-clockwise of the image copy the detector found the face on, 0 = the image itself; ``merged``: the other
+    detectors that found the same face, e.g. ``["cnn", "hog@30"]``)."""
     out = {"box": [round(float(v), 2) for v in face["box"]],
            "points": np.round(np.asarray(face["points"], np.float64), 3).tolist(),
            "confidence": np.round(np.asarray(face["confidence"], np.float64), 4).tolist()}
+    if "landmark_confidence" in face:
+        out["landmark_confidence"] = round(float(face["landmark_confidence"]), 4)
     if "detector" in face:
         score = face.get("score")
-        out.update(detector=face["detector"], score=None if score is None else round(float(score), 4),
+        out.update(detector=face["detector"], rotation=float(face.get("rotation", 0.0)),
+                   merged=list(face.get("merged", [])), score=None if score is None else round(float(score), 4),
                    detector_box=[round(float(v), 2) for v in face.get("detector_box", face["box"])])
     return out
