@@ -22,12 +22,16 @@ Measured per row (model of one setting and seed, decoder DARK):
 - ``portraits``: NME from dlib's points on the two bundled portraits (astronaut, Grace Hopper), dlib's box;
 - ``synthetic_test``: the synthetic test split (300 faces, true boxes), NME median.
 
+Budgets: ``default`` (params.yaml) and ``mini`` (64 px, 500 synthetic faces, 1 augmented copy: :data:`BUDGETS`),
+for a machine too loaded for the default.
+
 Usage (repo root)::
 
-    nohup python studies/photos_study.py run > .studies/photos/log.txt 2>&1 &   # all rows not yet written
+    nohup python studies/photos_study.py run > .studies/photos/log.txt 2>&1 &   # all default rows not yet written
+    python studies/photos_study.py run --budget mini --n 0 20 --seeds 0         # some rows of the mini budget
     python studies/photos_study.py report                                     # table + figure from the rows
 
-Rows: ``reports/photos/rows/n<N>_s<seed>.json``; report: ``reports/photos/README.md`` (table) and
+Rows: ``reports/photos/rows/[mini_]n<N>_s<seed>.json``; report: ``reports/photos/README.md`` (table) and
 ``reports/photos/curve.png``.
 """
 from __future__ import annotations
@@ -55,6 +59,13 @@ ORDER_SEED = 25
 N_SETTINGS = (0, 67, 20, 40)   # run order: the two ends of the curve first
 SEEDS = (0, 1)
 DECODER = "dark"
+#: budgets: ``default`` is params.yaml as shipped; ``mini`` is what a machine loaded far beyond its cores can finish
+#: (measured: one default MSE training took an estimated 40-55 min at load average 13-17 on the 2 shared cores)
+BUDGETS = {
+    "default": {},
+    "mini": {"augment.size": 64, "augment.copies": 1, "data.synthetic.n_train": 500, "data.synthetic.n_test": 100,
+             "data.photos.synthetic": 500},
+}
 
 
 def split_files(folder: Path = PHOTOS) -> tuple[list[Path], list[Path]]:
@@ -76,14 +87,20 @@ def _set(doc: dict, dotted: str, value) -> None:
     node[last] = value
 
 
-def prepare(n: int, train_part: list[Path]) -> Path:
-    work = WORK / f"n{n}"
+def row_name(budget: str, n: int, seed: int) -> str:
+    return f"n{n}_s{seed}" if budget == "default" else f"{budget}_n{n}_s{seed}"
+
+
+def prepare(n: int, train_part: list[Path], budget: str = "default") -> Path:
+    work = WORK / (f"n{n}" if budget == "default" else f"{budget}-n{n}")
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
     shutil.copytree(ROOT / "stages", work / "stages")
     doc = yaml.safe_load((ROOT / "params.yaml").read_text())
     _set(doc, "base.study", "photos")
+    for key, value in BUDGETS[budget].items():
+        _set(doc, key, value)
     if n:
         folder = work / "photos"
         folder.mkdir()
@@ -163,18 +180,18 @@ def measure(work: Path, val: list[Path]) -> dict:
             "portraits": portraits, "synthetic_test_nme_median": float(np.median(syn))}
 
 
-def run_all(settings: tuple[int, ...], seeds: tuple[int, ...]) -> None:
+def run_all(settings: tuple[int, ...], seeds: tuple[int, ...], budget: str = "default") -> None:
     if not PHOTOS.is_dir():
         sys.exit(f"photos study: {PHOTOS} is absent")
-    snapshot("-".join(map(str, settings)))
+    snapshot(budget + "-" + "-".join(map(str, settings)))
     train_part, val = split_files()
     ROWS.mkdir(parents=True, exist_ok=True)
     for n in settings:
         n = min(n, len(train_part))
-        todo = [s for s in seeds if not (ROWS / f"n{n}_s{s}.json").is_file()]
+        todo = [s for s in seeds if not (ROWS / f"{row_name(budget, n, s)}.json").is_file()]
         if not todo:
             continue
-        work = prepare(n, train_part)
+        work = prepare(n, train_part, budget)
         seconds = {s: run(["stages/" + s + ".py"], work) for s in ("download", "augment", "encode")}
         download = json.loads((work / "metrics/download.json").read_text())
         for seed in todo:
@@ -183,7 +200,8 @@ def run_all(settings: tuple[int, ...], seeds: tuple[int, ...]) -> None:
             (work / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
             secs = run(["stages/train.py", "--loss", "mse"], work)
             train = json.loads((work / "metrics/train_mse.json").read_text())
-            row = {"name": f"n{n}_s{seed}", "n_photos": n, "train_seed": seed,
+            row = {"name": row_name(budget, n, seed), "budget_name": budget, "overrides": BUDGETS[budget],
+                   "n_photos": n, "train_seed": seed,
                    "train_photos": sorted(p.name for p in train_part[:n]),
                    "teacher": download.get("teacher"), "n_train_faces": download["n_train_faces"],
                    "measured": measure(work, val), "val_nme_during_training": train.get("final_val_nme"),
@@ -195,79 +213,94 @@ def run_all(settings: tuple[int, ...], seeds: tuple[int, ...]) -> None:
             report()
 
 
+BUDGET_WORDS = {
+    "default": "params.yaml as shipped: 96 px, 2 + 1 epochs, 1,500 synthetic training faces, 2 augmented copies, "
+               "300 synthetic test faces",
+    "mini": "64 px, 2 + 1 epochs, 500 synthetic training faces, 1 augmented copy, 100 synthetic test faces "
+            "(overrides: " + ", ".join(f"`{k}={v}`" for k, v in BUDGETS["mini"].items()) + ")",
+}
+
+
+def _by_budget(rows: list[dict]) -> dict[str, dict[int, list[dict]]]:
+    out: dict[str, dict[int, list[dict]]] = {}
+    for r in rows:
+        out.setdefault(r.get("budget_name", "default"), {}).setdefault(r["n_photos"], []).append(r)
+    return out
+
+
 def report() -> None:
     rows = [json.loads(p.read_text()) for p in sorted(ROWS.glob("*.json"))]
     if not rows:
         return
-    by_n: dict[int, list[dict]] = {}
-    for r in rows:
-        by_n.setdefault(r["n_photos"], []).append(r)
+    budgets = _by_budget(rows)
     lines = ["# Photos study (issue 25): synthetic faces + N teacher-labelled photos", "",
-             "Generated by `python studies/photos_study.py report` from `rows/*.json` (one row per setting and training "
-             "seed).", "",
+             "Generated by `python studies/photos_study.py report` from `rows/*.json` (one row per budget, setting and "
+             "training seed); script: `studies/photos_study.py`.", "",
              "Split of `../shared/real-photos` (fixed, by file name): files sorted by name, `contact.png` left out; every "
-             "third file (sorted index i % 3 == 2) is the validation part, the rest the training part; the first N of the "
-             f"training part in the order `numpy.random.default_rng({ORDER_SEED}).permutation` are the N training photos "
-             "(20 ⊂ 40 ⊂ all). N = 0 is the synthetic default; N > 0 is `data.source: photos` with 1,500 synthetic faces, "
-             "each photo's faces listed 4 times. Budget: params.yaml (96 px, 2 + 1 epochs), MSE loss, DARK decoder.", "",
-             "Scores: NME (%, inter-ocular, from dlib's points) — *validation*: every face dlib finds in the validation "
-             "photos, the model given dlib's detector box (and, *mapped*, the box `predict` gives it); *portraits*: the "
-             "two bundled portraits in dlib's box (neither is in `../shared`); *synthetic test*: 300 synthetic test faces. "
-             "dlib itself is about 3-4 % from human markup on such portraits, so values near that are the teacher's limit.",
-             "", "| N photos | train seed | train faces | val faces | val median % | val mean % | val median, mapped box % "
-             "| astronaut % | Grace Hopper % | synthetic test median % | train s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for n in sorted(by_n):
-        for r in sorted(by_n[n], key=lambda r: r["train_seed"]):
-            m = r["measured"]
-            lines.append(f"| {n} | {r['train_seed']} | {r['n_train_faces']} | {m['val_n_faces']} | "
-                         f"{m['val_nme_median']:.2f} | {m['val_nme_mean']:.2f} | {m['val_mapped_nme_median']:.2f} | "
-                         f"{m['portraits'].get('astronaut', float('nan')):.2f} | "
-                         f"{m['portraits'].get('grace_hopper', float('nan')):.2f} | {m['synthetic_test_nme_median']:.2f} | "
-                         f"{r['seconds']['train@mse']:.0f} |")
-    lines += ["", "Mean over training seeds:", "", "| N photos | seeds | val median % | val median, mapped box % | "
-              "portraits mean % | synthetic test median % |", "|---|---|---|---|---|---|"]
-    summary = {}
-    for n in sorted(by_n):
-        ms = [r["measured"] for r in by_n[n]]
-        summary[n] = {k: float(np.mean([m[k] for m in ms])) for k in ("val_nme_median", "val_mapped_nme_median",
-                                                                        "synthetic_test_nme_median")}
-        summary[n]["portraits"] = float(np.mean([m["portraits"].get("mean", np.nan) for m in ms]))
-        s = summary[n]
-        lines.append(f"| {n} | {len(ms)} | {s['val_nme_median']:.2f} | {s['val_mapped_nme_median']:.2f} | "
-                     f"{s['portraits']:.2f} | {s['synthetic_test_nme_median']:.2f} |")
-    loads = [r.get("load_average_1min") for r in rows if r.get("load_average_1min") is not None]
-    if loads:
-        lines += ["", f"Machine: 2 shared CPU cores, 1-min load average {min(loads):.1f}-{max(loads):.1f} when the rows "
-                  "finished (train seconds are not a speed benchmark)."]
+             "third file (sorted index i % 3 == 2) is the validation part (33 files), the rest the training part (67 "
+             f"files); the first N of the training part in the order `numpy.random.default_rng({ORDER_SEED}).permutation` "
+             "are the N training photos (20 ⊂ 40 ⊂ all 67). N = 0 is `data.source: synthetic`; N > 0 is "
+             "`data.source: photos` (`test_fraction: 0`, `repeat: 4`) with the same synthetic training faces. MSE loss, "
+             "DARK decoder.", "",
+             "Scores: NME (%, inter-ocular, **from dlib's points**: the reference is the teacher itself) — *validation*: "
+             "every face dlib's HOG detector finds in the validation photos, the model given dlib's detector box (and, "
+             "*mapped*, the box `predict` gives it); *portraits*: the two bundled portraits (astronaut, Grace Hopper; "
+             "neither is in `../shared`) in dlib's box; *synthetic test*: the synthetic test faces (true boxes). dlib is "
+             "itself about 3-4 % from human markup on such portraits: values near that are the teacher's limit, not the "
+             "truth."]
+    for budget, by_n in sorted(budgets.items()):
+        lines += ["", f"## Budget `{budget}`: {BUDGET_WORDS.get(budget, budget)}", "",
+                  "| N photos | train seed | train faces (listings) | val faces | val median % | val mean % | "
+                  "val median, mapped box % | astronaut % | Grace Hopper % | synthetic test median % | train s | load |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for n in sorted(by_n):
+            for r in sorted(by_n[n], key=lambda r: r["train_seed"]):
+                m = r["measured"]
+                lines.append(f"| {n} | {r['train_seed']} | {r['n_train_faces']} | {m['val_n_faces']} | "
+                             f"{m['val_nme_median']:.2f} | {m['val_nme_mean']:.2f} | {m['val_mapped_nme_median']:.2f} | "
+                             f"{m['portraits'].get('astronaut', float('nan')):.2f} | "
+                             f"{m['portraits'].get('grace_hopper', float('nan')):.2f} | "
+                             f"{m['synthetic_test_nme_median']:.2f} | {r['seconds']['train@mse']:.0f} | "
+                             f"{r.get('load_average_1min', float('nan')):.1f} |")
+        lines += ["", "Mean over the training seeds run:", "", "| N photos | seeds | val median % | "
+                  "val median, mapped box % | portraits mean % | synthetic test median % |", "|---|---|---|---|---|---|"]
+        for n in sorted(by_n):
+            ms = [r["measured"] for r in by_n[n]]
+            mean = lambda k: float(np.mean([m[k] for m in ms]))  # noqa: E731
+            portraits = float(np.mean([m["portraits"].get("mean", np.nan) for m in ms]))
+            lines.append(f"| {n} | {len(ms)} | {mean('val_nme_median'):.2f} | {mean('val_mapped_nme_median'):.2f} | "
+                         f"{portraits:.2f} | {mean('synthetic_test_nme_median'):.2f} |")
+    lines += ["", "Machine: 2 CPU cores shared with several other trainings (the `load` column: 1-min load average when "
+              "the row finished); train seconds are no speed benchmark. Figure: `curve.png`."]
     REPORT.mkdir(parents=True, exist_ok=True)
     (REPORT / "README.md").write_text("\n".join(lines) + "\n")
-    _figure(by_n)
+    _figure(budgets)
 
 
-def _figure(by_n: dict[int, list[dict]]) -> None:
+def _figure(budgets: dict[str, dict[int, list[dict]]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ns = sorted(by_n)
-    for key, label, marker in (("val_nme_median", "validation photos (dlib's box)", "o"),
-                               ("val_mapped_nme_median", "validation photos (mapped box)", "s")):
-        for n in ns:
-            ax.scatter([n] * len(by_n[n]), [r["measured"][key] for r in by_n[n]], marker=marker, alpha=0.4,
-                       color="C0" if marker == "o" else "C1")
-        ax.plot(ns, [np.mean([r["measured"][key] for r in by_n[n]]) for n in ns], marker=marker, label=label,
-                color="C0" if marker == "o" else "C1")
-    ax.plot(ns, [np.mean([r["measured"]["portraits"].get("mean", np.nan) for r in by_n[n]]) for n in ns],
-            marker="^", label="bundled portraits (mean of 2)", color="C2")
-    ax.axhline(4.0, color="grey", lw=0.8, ls="--", label="goal: 4 %")
-    ax.set_xlabel("teacher-labelled training photos added to 1,500 synthetic faces")
-    ax.set_ylabel("median NME from dlib's points (%)")
-    ax.set_title("MSE model, 96 px, 2 + 1 epochs; dots: training seeds")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 4), dpi=100, squeeze=False)
+    for ax, (budget, by_n) in zip(axes[0], sorted(budgets.items())):
+        ns = sorted(by_n)
+        for key, label, marker, colour in (("val_nme_median", "validation photos (dlib's box)", "o", "C0"),
+                                           ("val_mapped_nme_median", "validation photos (mapped box)", "s", "C1")):
+            for n in ns:
+                ax.scatter([n] * len(by_n[n]), [r["measured"][key] for r in by_n[n]], marker=marker, alpha=0.4,
+                           color=colour)
+            ax.plot(ns, [np.mean([r["measured"][key] for r in by_n[n]]) for n in ns], marker=marker, label=label,
+                    color=colour)
+        ax.plot(ns, [np.mean([r["measured"]["portraits"].get("mean", np.nan) for r in by_n[n]]) for n in ns],
+                marker="^", label="bundled portraits (mean of 2)", color="C2")
+        ax.axhline(4.0, color="grey", lw=0.8, ls="--", label="goal: 4 %")
+        ax.set_xlabel("teacher-labelled training photos added")
+        ax.set_ylabel("median NME from dlib's points (%)")
+        ax.set_title(f"MSE, budget {budget!r}; dots: training seeds", fontsize=10)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(REPORT / "curve.png")
     plt.close(fig)
@@ -278,9 +311,10 @@ def main() -> None:
     ap.add_argument("what", choices=("run", "report"))
     ap.add_argument("--n", type=int, nargs="*", default=list(N_SETTINGS), help="settings (photos added)")
     ap.add_argument("--seeds", type=int, nargs="*", default=list(SEEDS))
+    ap.add_argument("--budget", choices=tuple(BUDGETS), default="default")
     args = ap.parse_args()
     if args.what == "run":
-        run_all(tuple(args.n), tuple(args.seeds))
+        run_all(tuple(args.n), tuple(args.seeds), args.budget)
     report()
 
 
