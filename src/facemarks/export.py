@@ -360,3 +360,31 @@ def record_int8_check(path: str | Path, verdict: dict[str, Any]) -> None:
     write_metadata(path, {"int8_check": "passed" if verdict["ok"] else "failed",
                           "int8_max_nme_delta": f"{verdict['max_nme_delta']:.6g}",
                           "int8_tolerance_nme": f"{verdict['tolerance_nme']:g}"})
+
+
+def quantize_and_check(fp32_path: str | Path, train_images: np.ndarray, test: Any, *, sigma: float, margin: float,
+                       fmt: str = "qoperator", method: str = "minmax", calibration_faces: int = 64, seed: int = 0,
+                       tolerance: float = NME_TOLERANCE,
+                       photos: list[tuple[np.ndarray, Any, np.ndarray]] | None = None) -> dict[str, Any]:
+    """The export stage's int8 step for one loss: quantise ``fp32_path`` into :data:`INT8_FILE` beside it
+    (:func:`quantize_int8`, calibrated on :func:`calibration_sample` of the training crops ``train_images``
+    ``(N, S, S)``), run the accuracy guard on the ``test`` split (a :class:`facemarks.store.Split`: crops,
+    transforms, original-px points) and, when given, on ``photos`` (:func:`photo_accuracy` items), and record the
+    verdict in the file (:func:`record_int8_check`). Returns the ``metrics/export.json`` entry: ``path``,
+    ``quant_format``, ``calibration_method``, ``calibration_faces``, ``calibration_seed``, ``checks`` (name →
+    :func:`int8_accuracy` result), ``ok``, ``tolerance_nme``, ``max_nme_delta``, ``failed``, ``used_by_predict``. No
+    timings (they go to ``benchmarks/bench_infer.py``)."""
+    fp32_path = Path(fp32_path)
+    calibration = calibration_sample(train_images, calibration_faces, seed)
+    path = quantize_int8(fp32_path, fp32_path.with_name(INT8_FILE), calibration, fmt=fmt, method=method, seed=seed)
+    ref32, ref8 = OnnxHeatmaps(fp32_path), OnnxHeatmaps(path)
+    checks = {"test": int8_accuracy(ref32, ref8, np.asarray(test.images), np.asarray(test.transform),
+                                    np.asarray(test.orig_points), sigma)}
+    if photos:
+        checks["photos"] = photo_accuracy(ref32, ref8, photos, margin=margin, sigma=sigma)
+    verdict = int8_verdict(checks, tolerance)
+    record_int8_check(path, verdict)
+    return {"path": str(path), "quant_format": fmt, "calibration_method": method,
+            "calibration_faces": int(len(calibration)), "calibration_seed": int(seed), "checks": checks,
+            **{k: verdict[k] for k in ("ok", "tolerance_nme", "max_nme_delta", "failed")},
+            "used_by_predict": "int8" if verdict["ok"] else "fp32 (int8 missed the NME tolerance)"}
