@@ -37,9 +37,9 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 from skimage.draw import disk, line_aa
-from skimage.filters import gaussian
-from skimage.transform import ProjectiveTransform, resize, warp
+from skimage.transform import ProjectiveTransform, warp
 
+from facemarks import portable
 from facemarks.atomic import atomic_dir
 from facemarks.io import DataError, ImageRecord, read_dlib_xml, read_image, write_image
 from facemarks.landmarks import LEFT_EYE, MIRROR, N_POINTS, RIGHT_EYE
@@ -73,18 +73,19 @@ def crop_transform(box: tuple[float, float, float, float], size: int, margin: fl
     k = size / side
     cx, cy = left + (w - 1.0) / 2.0, top + (h - 1.0) / 2.0
     c = (size - 1.0) / 2.0
-    return _translation(c, c) @ np.diag([k, k, 1.0]) @ _translation(-cx, -cy)
+    return portable.matmul(portable.matmul(_translation(c, c), np.diag([k, k, 1.0])), _translation(-cx, -cy))
 
 
 def augment_matrix(size: int, angle_deg: float, scale: float, shift: tuple[float, float], flip: bool) -> np.ndarray:
     """``(3, 3)`` crop px → crop px: rotate by ``angle_deg`` and scale about the crop centre, shift, then flip."""
     c = (size - 1.0) / 2.0
     a = math.radians(angle_deg)
-    rs = np.array([[scale * math.cos(a), -scale * math.sin(a), 0.0], [scale * math.sin(a), scale * math.cos(a), 0.0],
+    cos_a, sin_a = portable.cos(a), portable.sin(a)
+    rs = np.array([[scale * cos_a, -scale * sin_a, 0.0], [scale * sin_a, scale * cos_a, 0.0],
                    [0.0, 0.0, 1.0]])
-    m = _translation(c + shift[0], c + shift[1]) @ rs @ _translation(-c, -c)
+    m = portable.matmul(portable.matmul(_translation(c + shift[0], c + shift[1]), rs), _translation(-c, -c))
     if flip:
-        m = np.array([[-1.0, 0.0, size - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]) @ m
+        m = portable.matmul(np.array([[-1.0, 0.0, size - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]), m)
     return m
 
 
@@ -96,18 +97,18 @@ def apply_transform(points: np.ndarray, T: np.ndarray) -> np.ndarray:
     p = np.asarray(points, dtype=np.float64)
     T = np.asarray(T, dtype=np.float64)
     if T.ndim == 2:
-        h = p @ T[:2, :2].T + T[:2, 2]
-        w = p @ T[2, :2] + T[2, 2]
+        h = portable.matmul(p, T[:2, :2].T) + T[:2, 2]
+        w = portable.weighted_sum(p, T[2, :2]) + T[2, 2]
     else:
-        h = p @ np.swapaxes(T[:, :2, :2], 1, 2) + T[:, None, :2, 2]
-        w = np.einsum("nkj,nj->nk", p, T[:, 2, :2]) + T[:, None, 2, 2]
+        h = portable.matmul(p, np.swapaxes(T[:, :2, :2], 1, 2)) + T[:, None, :2, 2]
+        w = portable.weighted_sum(p, T[:, None, 2, :2]) + T[:, None, 2, 2]
     return h / w[..., None]
 
 
 def invert_points(points: np.ndarray, T: np.ndarray) -> np.ndarray:
     """Crop px → original px: points mapped with ``inverse(T)`` (``T (3, 3)`` or ``(N, 3, 3)``, see
     :func:`apply_transform`) → float64, same shape as ``points``."""
-    return apply_transform(points, np.linalg.inv(np.asarray(T, dtype=np.float64)))
+    return apply_transform(points, portable.inv3(np.asarray(T, dtype=np.float64)))
 
 
 def in_crop(points: np.ndarray, size: int) -> np.ndarray:
@@ -121,13 +122,13 @@ def _gray_float(image: np.ndarray, weights: np.ndarray = _LUMA) -> np.ndarray:
     """``(H, W)`` or ``(H, W, 3)`` uint8 → ``(H, W)`` float32 in ``[0, 255]`` (RGB ``weights``, default luma)."""
     if image.ndim == 2:
         return image.astype(np.float32)
-    return image[..., :3].astype(np.float32) @ np.asarray(weights, np.float32)
+    return portable.weighted_sum(image[..., :3].astype(np.float32), np.asarray(weights, np.float32))
 
 
 def antialias_sigma(T: np.ndarray) -> float:
     """Gaussian pre-filter sigma (source px) for a transform that shrinks by ``k``: ``max(0, (1/k - 1) / 2)``,
     as ``skimage.transform.resize`` anti-aliasing."""
-    k = math.sqrt(abs(np.linalg.det(np.asarray(T, dtype=np.float64)[:2, :2])))  # crop px per source px
+    k = math.sqrt(abs(portable.det2(np.asarray(T, dtype=np.float64))))  # crop px per source px
     return max(0.0, (1.0 / k - 1.0) / 2.0)
 
 
@@ -139,7 +140,7 @@ def _source(image: np.ndarray, transforms: list[np.ndarray], size: int, sigma: f
     """
     e = size - 0.5
     box = np.array([[-0.5, -0.5], [e, -0.5], [-0.5, e], [e, e]])
-    corners = np.concatenate([apply_transform(box, np.linalg.inv(T)) for T in transforms])
+    corners = np.concatenate([apply_transform(box, portable.inv3(T)) for T in transforms])
     pad = 2 + int(math.ceil(4 * sigma))
     hgt, wid = image.shape[:2]
     x0 = max(int(math.floor(corners[:, 0].min())) - pad, 0)
@@ -150,7 +151,7 @@ def _source(image: np.ndarray, transforms: list[np.ndarray], size: int, sigma: f
         return None
     sub = _gray_float(image[y0:y1, x0:x1], weights)
     if sigma > 0:
-        sub = gaussian(sub, sigma=sigma, mode="nearest", preserve_range=True)
+        sub = portable.gaussian_filter(sub, sigma, mode="nearest")
     return sub.astype(np.float64, copy=False), x0, y0
 
 
@@ -159,8 +160,8 @@ def _warp_source(src, T: np.ndarray, size: int) -> np.ndarray:
     if src is None:
         return np.zeros((size, size))
     sub, x0, y0 = src
-    t_sub = np.asarray(T, dtype=np.float64) @ _translation(x0, y0)  # sub-image px -> crop px
-    return warp(sub, ProjectiveTransform(matrix=np.linalg.inv(t_sub)), output_shape=(size, size), order=1,
+    t_sub = portable.matmul(np.asarray(T, dtype=np.float64), _translation(x0, y0))  # sub-image px -> crop px
+    return warp(sub, ProjectiveTransform(matrix=portable.inv3(t_sub)), output_shape=(size, size), order=1,
                 mode="constant", cval=0.0, preserve_range=True)
 
 
@@ -208,18 +209,17 @@ def photometric(img: np.ndarray, rng: np.random.Generator, cfg: Augment) -> np.n
     mean = float(img.mean())
     img = ((img - mean) * c + (mean + b)).astype(np.float32)  # float32 from here: half the memory traffic
     np.clip(img, 0.0, 255.0, out=img)
-    img = np.float32(255.0) * (img / np.float32(255.0)) ** np.float32(max(g, 1e-3))
+    img = np.float32(255.0) * portable.power(img / np.float32(255.0), float(np.float32(max(g, 1e-3))))
     if rng.random() < cfg.blur_prob and cfg.blur_sigma > 0:
-        img = gaussian(img, sigma=rng.uniform(0.25, 1.0) * cfg.blur_sigma, mode="nearest", preserve_range=True)
+        img = portable.gaussian_filter(img, rng.uniform(0.25, 1.0) * cfg.blur_sigma, mode="nearest")
     if rng.random() < cfg.lowres_prob and cfg.lowres_factor > 1:  # a small face in a photo, upscaled
         side = img.shape[0]
         small = max(4, int(round(side / rng.uniform(min(1.5, cfg.lowres_factor), cfg.lowres_factor))))
-        img = resize(resize(img, (small, small), order=1, anti_aliasing=True, preserve_range=True), (side, side),
-                     order=1, preserve_range=True)
+        img = portable.resize(portable.resize(img, (small, small), anti_aliasing=True), (side, side))
     if rng.random() < cfg.motion_blur_prob:
         img = ndimage.convolve(img, motion_kernel(rng.uniform(2.0, 5.0), rng.uniform(0, np.pi)), mode="nearest")
     if rng.random() < cfg.sharpen_prob:  # unsharp masking, as camera pipelines do
-        img = img + rng.uniform(0.3, 1.5) * (img - gaussian(img, sigma=1.0, mode="nearest", preserve_range=True))
+        img = img + rng.uniform(0.3, 1.5) * (img - portable.gaussian_filter(img, 1.0, mode="nearest"))
     if cfg.noise_std > 0:
         img = img + rng.standard_normal(img.shape, dtype=np.float32) * np.float32(cfg.noise_std)
     if rng.random() < cfg.jpeg_prob:
@@ -230,7 +230,7 @@ def photometric(img: np.ndarray, rng: np.random.Generator, cfg: Augment) -> np.n
 def motion_kernel(length: float, angle: float) -> np.ndarray:
     """Normalised anti-aliased line kernel ``(k, k)`` of ``length`` px at ``angle`` rad (linear motion blur)."""
     r = int(math.ceil(length / 2))
-    dx, dy = 0.5 * length * math.cos(angle), 0.5 * length * math.sin(angle)
+    dx, dy = 0.5 * length * portable.cos(angle), 0.5 * length * portable.sin(angle)
     k = np.zeros((2 * r + 1, 2 * r + 1), np.float32)
     rr, cc, val = line_aa(int(round(r - dy)), int(round(r - dx)), int(round(r + dy)), int(round(r + dx)))
     k[rr, cc] = np.maximum(k[rr, cc], val)
@@ -263,7 +263,8 @@ def make_samples(image: np.ndarray, box: tuple[float, float, float, float], poin
     """
     base = crop_transform(box, cfg.size, cfg.margin)
     geos = [random_geometry(rng, cfg) if rng is not None else None for rng in rngs]
-    transforms = [base if g is None else augment_matrix(cfg.size, g["angle"], g["scale"], g["shift"], g["flip"]) @ base
+    transforms = [base if g is None else
+                  portable.matmul(augment_matrix(cfg.size, g["angle"], g["scale"], g["shift"], g["flip"]), base)
                   for g in geos]
     src = _source(image, transforms, cfg.size, antialias_sigma(base))
     style = next((r for r in rngs if r is not None), None)  # per-face style from the first augmented copy's stream

@@ -20,6 +20,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from facemarks import portable
+
 DECODERS = (
     "argmax",
     "argmax_quarter",
@@ -143,7 +145,7 @@ def _profile(centre: torch.Tensor, n: int, sigma: float, work: torch.dtype) -> t
         d = (np.arange(n, dtype=np.float64) - centre.numpy()[..., None]).astype(np_work)
         d *= d
         d *= np_work(scale)
-        return torch.from_numpy(np.exp(d, out=d))
+        return torch.from_numpy(portable.exp(d))  # the same bits on every CPU (numpy's exp dispatches per CPU)
     d = (torch.arange(n, device=centre.device, dtype=torch.float64) - centre[..., None]).to(work)
     return torch.exp(d * d * scale)
 

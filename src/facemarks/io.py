@@ -210,11 +210,53 @@ def list_images(folder: str | Path) -> list[Path]:
                    and p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: p.name)
 
 
-def write_image(path: str | Path, image: np.ndarray) -> None:
-    """Write a uint8 image atomically; the format follows the suffix (``.png``, ``.jpg``)."""
+def png_bytes(image: np.ndarray) -> bytes:
+    """A PNG of a uint8 ``(H, W)`` gray or ``(H, W, 3)`` RGB image whose bytes depend on the pixels alone.
+
+    zlib's compressed output depends on the zlib build that Pillow loads (the system ``libz`` on Debian's Python,
+    zlib-ng in other wheels) and on its CPU code paths; this writer uses none of it: filter type 0 on every row and
+    stored (uncompressed) deflate blocks, framed by hand, with the CRC-32 and Adler-32 checksums (defined values,
+    the same from any implementation). About twice the size of zlib level 1 on the synthetic faces (README).
+    """
+    import struct
+    import zlib
+
+    img = np.ascontiguousarray(image)
+    if img.dtype != np.uint8 or img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] != 3):
+        raise ValueError(f"png_bytes: need uint8 (H, W) or (H, W, 3), got {img.dtype} {img.shape}")
+    h, w = img.shape[:2]
+    rows = np.zeros((h, 1 + img[0].size), np.uint8)  # filter byte 0 (None) + the row's samples
+    rows[:, 1:] = img.reshape(h, -1)
+    raw = rows.tobytes()
+    blocks, step = [], 65535
+    for i in range(0, max(len(raw), 1), step):
+        part = raw[i:i + step]
+        blocks.append(struct.pack("<BHH", int(i + step >= len(raw)), len(part), 0xFFFF ^ len(part)) + part)
+    idat = b"\x78\x01" + b"".join(blocks) + struct.pack(">I", zlib.adler32(raw))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2 if img.ndim == 3 else 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def write_image(path: str | Path, image: np.ndarray, portable: bool = False) -> None:
+    """Write a uint8 image atomically; the format follows the suffix (``.png``, ``.jpg``).
+
+    ``portable=True`` (``.png`` only): :func:`png_bytes`, the same bytes on every machine (the data stages'
+    images); else zlib level 1 through imageio/Pillow (smaller, bytes may differ between machines: reports).
+    """
     import imageio.v3 as iio
 
     path = Path(path)
+    if portable:
+        if path.suffix.lower() != ".png":
+            raise ValueError(f"{path}: portable image writing is PNG only")
+        data = png_bytes(image)
+        with atomic_path(path) as tmp:
+            Path(tmp).write_bytes(data)
+        return
     # zlib level 1: ~3x faster than the default 6 for ~5 % larger files (PNG is lossless either way)
     options = {"compress_level": 1} if path.suffix.lower() == ".png" else {}
     with atomic_path(path) as tmp:

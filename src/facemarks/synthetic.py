@@ -24,6 +24,7 @@ import numpy as np
 from scipy import ndimage
 from PIL import Image, ImageDraw, ImageFilter
 
+from facemarks import portable
 from facemarks.atomic import atomic_path
 from facemarks.io import Face, ImageRecord, write_image
 from facemarks.params import Synthetic
@@ -49,7 +50,7 @@ _MEAN_2D = np.array([
 
 # Depth toward the camera (same units): jaw from the temples (-0.34) to the chin, nose tip +0.22.
 _DEPTH = np.concatenate([
-    -0.34 + 0.28 * np.sin(np.pi * np.arange(17) / 16),                      # jaw 0-16
+    -0.34 + 0.28 * portable.sin(np.pi * np.arange(17) / 16),                      # jaw 0-16
     [-0.12, -0.05, -0.01, 0.0, 0.0, 0.0, 0.0, -0.01, -0.05, -0.12],          # brows 17-26
     [0.0, 0.07, 0.14, 0.22, 0.04, 0.08, 0.11, 0.08, 0.04],                   # nose 27-35
     [-0.1, -0.05, -0.04, -0.05, -0.05, -0.07],                               # right eye 36-41
@@ -101,10 +102,10 @@ BACKGROUNDS = ("brick", "grass", "gravel", "rough_wall", "camera", "coffee", "ch
 def _rotation(yaw: float, pitch: float, roll: float) -> np.ndarray:
     """``(3, 3)`` rotation (degrees): yaw > 0 turns the nose toward image right, pitch > 0 down, roll > 0 clockwise."""
     y, p, r = np.radians([yaw, pitch, roll])
-    ry = np.array([[np.cos(y), 0, np.sin(y)], [0, 1, 0], [-np.sin(y), 0, np.cos(y)]])
-    rx = np.array([[1, 0, 0], [0, np.cos(p), np.sin(p)], [0, -np.sin(p), np.cos(p)]])
-    rz = np.array([[np.cos(r), -np.sin(r), 0], [np.sin(r), np.cos(r), 0], [0, 0, 1]])
-    return rz @ rx @ ry
+    ry = np.array([[portable.cos(y), 0, portable.sin(y)], [0, 1, 0], [-portable.sin(y), 0, portable.cos(y)]])
+    rx = np.array([[1, 0, 0], [0, portable.cos(p), portable.sin(p)], [0, -portable.sin(p), portable.cos(p)]])
+    rz = np.array([[portable.cos(r), -portable.sin(r), 0], [portable.sin(r), portable.cos(r), 0], [0, 0, 1]])
+    return portable.matmul(portable.matmul(rz, rx), ry)
 
 
 def _identity_expression(rng: np.random.Generator) -> tuple[np.ndarray, dict]:
@@ -138,7 +139,7 @@ def _identity_expression(rng: np.random.Generator) -> tuple[np.ndarray, dict]:
     opening = rng.uniform(0.01, 0.14) if rng.random() < (0.35 + 4 * smile) else 0.0
     lower = np.array([55, 56, 57, 58, 59, 65, 66, 67])
     p[lower, 1] += opening * np.array([0.6, 0.9, 1, 0.9, 0.6, 0.9, 1, 0.9])
-    p[jaw[4:13], 1] += opening * 0.6 * np.sin(np.pi * np.arange(1, 10) / 10)
+    p[jaw[4:13], 1] += opening * 0.6 * portable.sin(np.pi * np.arange(1, 10) / 10)
     if opening == 0.0:  # closed: inner lips meet
         for a, b in ((61, 67), (62, 66), (63, 65)):
             m = (p[a, 1] + p[b, 1]) / 2
@@ -150,17 +151,17 @@ def _jaw_silhouette(p: np.ndarray, rot: np.ndarray) -> np.ndarray:
     """Move jaw points 0–16 onto the rotated head's silhouette (like 300-W contour points) → ``(17, 3)`` rotated."""
     jaw = p[:17]
     out2d = jaw[:, :2] - np.array([0.0, 0.05])
-    n = out2d / np.linalg.norm(out2d, axis=1, keepdims=True)
+    n = out2d / portable.norm(out2d, axis=1)[:, None]
     radius = 0.22
     phi = np.radians(np.linspace(-70, 70, 15))
     n3 = np.column_stack([n, np.zeros(17)])
     centre = jaw - radius * n3
-    cand = centre[:, None, :] + radius * (np.cos(phi)[None, :, None] * n3[:, None, :]
-                                          + np.sin(phi)[None, :, None] * np.array([0, 0, 1.0]))
-    rc = cand @ rot.T                                      # (17, 15, 3)
-    n_img = n3 @ rot.T
+    cand = centre[:, None, :] + radius * (portable.cos(phi)[None, :, None] * n3[:, None, :]
+                                          + portable.sin(phi)[None, :, None] * np.array([0, 0, 1.0]))
+    rc = portable.matmul(cand, rot.T)                                     # (17, 15, 3)
+    n_img = portable.matmul(n3, rot.T)
     n_img[:, 2] = 0
-    score = np.einsum("kcd,kd->kc", rc, n_img)
+    score = portable.weighted_sum(rc, n_img[:, None, :])  # (17, 15): rc[k, c] . n_img[k]
     best = score.argmax(axis=1)
     return rc[np.arange(17), best]
 
@@ -173,7 +174,7 @@ def _project(pts: np.ndarray, dist: float) -> np.ndarray:
 def _ellipsoid_points(centre, radii, y_max: float | None = None, n: int = 24) -> np.ndarray:
     """Surface samples ``(M, 3)`` of an axis-aligned ellipsoid, optionally only where y ≤ ``y_max``."""
     u, v = np.meshgrid(np.linspace(0, 2 * np.pi, n, endpoint=False), np.linspace(0.02, np.pi - 0.02, n // 2))
-    pts = np.stack([np.sin(v) * np.cos(u), -np.cos(v), np.sin(v) * np.sin(u)], -1).reshape(-1, 3)
+    pts = np.stack([portable.sin(v) * portable.cos(u), -portable.cos(v), portable.sin(v) * portable.sin(u)], -1).reshape(-1, 3)
     pts = pts * np.asarray(radii) + np.asarray(centre)
     if y_max is not None:
         pts = pts[pts[:, 1] <= y_max]
@@ -199,8 +200,8 @@ def _catmull(pts: np.ndarray, closed: bool, k: int = 6) -> np.ndarray:
         segs = len(pts) - 1
     t = np.linspace(0, 1, k, endpoint=False)[None, :, None]
     p0, p1, p2, p3 = (ext[i:i + segs, None, :] for i in range(4))
-    out = 0.5 * ((2 * p1) + (-p0 + p2) * t + (2 * p0 - 5 * p1 + 4 * p2 - p3) * t**2
-                 + (-p0 + 3 * p1 - 3 * p2 + p3) * t**3)
+    out = 0.5 * ((2 * p1) + (-p0 + p2) * t + (2 * p0 - 5 * p1 + 4 * p2 - p3) * (t * t)
+                 + (-p0 + 3 * p1 - 3 * p2 + p3) * (t * t * t))
     out = out.reshape(-1, 2)
     return out if closed else np.vstack([out, pts[-1:]])
 
@@ -348,31 +349,31 @@ def _pose_geometry(rng: np.random.Generator, cfg: Synthetic):
     roll = _pose_angle(rng, cfg.max_roll, 4.0)
     rot = _rotation(yaw, pitch, roll)
     dist = rng.uniform(3.0, 10.0)
-    rp = p @ rot.T
+    rp = portable.matmul(p, rot.T)
     rp[:17] = _jaw_silhouette(p, rot)
     pts = _project(rp, dist)
     # head (hair) outline: upper part of a head ellipsoid; face skin: jaw + hairline arc; neck cylinder
     hair_len = rng.choice([-0.15, 0.1, 0.6], p=[0.5, 0.3, 0.2])
     head = _ellipsoid_points((0, -0.3, -0.42), (0.56 * rng.uniform(1.0, 1.12), 0.7, 0.62), y_max=hair_len)
-    hair_poly = _hull(_project(head @ rot.T, dist))
+    hair_poly = _hull(_project(portable.matmul(head, rot.T), dist))
     # forehead: half ellipse from jaw point 16 over the hairline to jaw point 0 (consistent with the jaw)
-    hairline = _project(np.array([[0.0, rng.uniform(-0.9, -0.72), -0.08]]) @ rot.T, dist)[0]
+    hairline = _project(portable.matmul(np.array([[0.0, rng.uniform(-0.9, -0.72), -0.08]]), rot.T), dist)[0]
     c = (pts[0] + pts[16]) / 2
     t = np.linspace(0, np.pi, 13)[1:-1, None]
-    forehead = c + np.cos(t) * (pts[16] - c) + np.sin(t) * (hairline - c)
+    forehead = c + portable.cos(t) * (pts[16] - c) + portable.sin(t) * (hairline - c)
     ang = np.linspace(0, 2 * np.pi, 16, endpoint=False)
-    neck3 = [np.column_stack([0.28 * np.cos(ang), np.full(16, y), -0.35 + 0.25 * np.sin(ang)]) for y in (0.3, 1.6)]
-    neck_poly = _hull(_project(np.vstack(neck3) @ rot.T, dist))
-    head_centre = _project(np.array([[0, 0.05, -0.35]]) @ rot.T, dist)[0]
+    neck3 = [np.column_stack([0.28 * portable.cos(ang), np.full(16, y), -0.35 + 0.25 * portable.sin(ang)]) for y in (0.3, 1.6)]
+    neck_poly = _hull(_project(portable.matmul(np.vstack(neck3), rot.T), dist))
+    head_centre = _project(portable.matmul(np.array([[0, 0.05, -0.35]]), rot.T), dist)[0]
     ears = []
     t = np.linspace(0, 2 * np.pi, 14, endpoint=False)
     for side in (-1.0, 1.0):  # an ear beside jaw points 0-3 / 13-16, in a plane facing sideways
-        if -np.sin(np.radians(yaw)) * side < -0.35:  # the far ear of a strongly turned head is hidden
+        if -portable.sin(np.radians(yaw)) * side < -0.35:  # the far ear of a strongly turned head is hidden
             continue
         jaw_top = p[0] if side < 0 else p[16]
         c = np.array([jaw_top[0] + side * 0.02, jaw_top[1] + 0.07, jaw_top[2] - 0.08])
-        e3 = c + np.column_stack([side * 0.03 * (1 + np.cos(t)), 0.14 * np.sin(t), 0.07 * np.cos(t)])
-        ears.append(_project(e3 @ rot.T, dist))
+        e3 = c + np.column_stack([side * 0.03 * (1 + portable.cos(t)), 0.14 * portable.sin(t), 0.07 * portable.cos(t)])
+        ears.append(_project(portable.matmul(e3, rot.T), dist))
     return {"points": pts, "hair": hair_poly, "forehead": forehead, "neck": neck_poly, "ears": ears,
             "centre": head_centre, "yaw": yaw, "pitch": pitch, "roll": roll, "expr": expr, "short_hair": hair_len < 0}
 
@@ -394,9 +395,9 @@ def _paint_face(rng: np.random.Generator, cv: _Canvas, g: dict, unit: float, cfg
     skin = np.clip(skin, 0, 1)
     hair = HAIR_COLOURS[rng.integers(len(HAIR_COLOURS))] * rng.uniform(0.8, 1.2)
     light = np.array([rng.uniform(-0.9, 0.9), rng.uniform(-0.9, 0.4), rng.uniform(0.5, 1.0)])
-    light /= np.linalg.norm(light)
+    light /= portable.norm(light)
     soft = max(0.5, unit * 0.004)
-    fw = np.linalg.norm(pts[16] - pts[0]) + 1e-6
+    fw = portable.norm(pts[16] - pts[0]) + 1e-6
 
     if rng.random() < 0.8:  # shoulders and clothing (a textured, tinted bundled picture) below the neck
         c8, down = pts[8], np.array([0.0, 1.0])
@@ -443,7 +444,7 @@ def _paint_face(rng: np.random.Generator, cv: _Canvas, g: dict, unit: float, cfg
     shade = low + (1.1 - low) * lam
     tex = 1 + 0.04 * _smooth_noise(rng, m.shape, max(1.0, unit * 0.02)) + 0.02 * rng.standard_normal(m.shape, dtype=np.float32)
     if cfg.photo_texture > 0:  # photographic structure in the skin (pores, shadows, highlights of a real picture)
-        photo = _background(rng, *m.shape) @ np.float32([0.3, 0.59, 0.11])
+        photo = portable.weighted_sum(_background(rng, *m.shape), np.float32([0.3, 0.59, 0.11]))
         photo -= photo.mean()
         tex += np.float32(rng.uniform(0, cfg.photo_texture)) * photo / np.float32(photo.std() + 1e-3)
     cv.blend(fm, skin[None, None, :] * (shade * tex)[..., None].astype(np.float32))
@@ -471,7 +472,7 @@ def _strands(rng, cv: _Canvas, pts: np.ndarray, hairline: np.ndarray, hair: np.n
         brow_y = pts[17:27, 1].min()
         depth = rng.uniform(0.3, 1.05)
         lower = hairline[::-1].copy()
-        lower[:, 1] = lower[:, 1] + (brow_y - lower[:, 1]) * depth * np.sin(np.linspace(0.2, np.pi - 0.2, len(lower)))
+        lower[:, 1] = lower[:, 1] + (brow_y - lower[:, 1]) * depth * portable.sin(np.linspace(0.2, np.pi - 0.2, len(lower)))
         lower[:, 1] += rng.normal(0, 0.02 * fw, len(lower))
         cv.blend(cv.poly_mask(np.vstack([hairline, lower]), soft * 1.5), hair * rng.uniform(0.8, 1.2), rng.uniform(0.85, 1))
     for _ in range(int(rng.integers(2, 10))):  # loose strands from the hairline over forehead, temple and cheek
@@ -484,20 +485,20 @@ def _strands(rng, cv: _Canvas, pts: np.ndarray, hairline: np.ndarray, hair: np.n
 
 def _glasses(rng, cv: _Canvas, pts: np.ndarray, soft: float) -> None:
     """Eyeglasses: two rims around the eyes, a bridge over point 27 and the temples toward the ears."""
-    iod = np.linalg.norm(pts[45] - pts[36]) + 1e-6
+    iod = portable.norm(pts[45] - pts[36]) + 1e-6
     frame = np.full(3, rng.uniform(0.02, 0.35)) if rng.random() < 0.7 else rng.uniform(0.1, 0.7, 3)
     width = rng.uniform(0.015, 0.05) * iod + 0.6
     power = rng.uniform(2.0, 4.0)  # superellipse: round .. rectangular rims
     t = np.linspace(0, 2 * np.pi, 28, endpoint=False)
-    unit_rim = np.column_stack([np.sign(np.cos(t)) * np.abs(np.cos(t)) ** (2 / power),
-                                np.sign(np.sin(t)) * np.abs(np.sin(t)) ** (2 / power)])
+    unit_rim = np.column_stack([np.sign(portable.cos(t)) * portable.power(np.abs(portable.cos(t)), 2 / power),
+                                np.sign(portable.sin(t)) * portable.power(np.abs(portable.sin(t)), 2 / power)])
     hw, hh, lift = rng.uniform(0.27, 0.36) * iod, rng.uniform(0.16, 0.24) * iod, rng.uniform(-0.02, 0.06) * iod
     rims = []
     for eye in (np.arange(36, 42), np.arange(42, 48)):
         e = pts[eye]
-        axis = (e[3] - e[0]) / (np.linalg.norm(e[3] - e[0]) + 1e-6)
+        axis = (e[3] - e[0]) / (portable.norm(e[3] - e[0]) + 1e-6)
         normal = np.array([-axis[1], axis[0]])
-        scale = np.linalg.norm(e[3] - e[0]) / (0.25 * iod + 1e-6)  # foreshortened on a turned face
+        scale = portable.norm(e[3] - e[0]) / (0.25 * iod + 1e-6)  # foreshortened on a turned face
         c = e.mean(axis=0) - normal * lift
         rim = c + np.outer(unit_rim[:, 0] * hw * min(scale, 1.3), axis) + np.outer(unit_rim[:, 1] * hh, normal)
         rims.append(rim)
@@ -505,11 +506,11 @@ def _glasses(rng, cv: _Canvas, pts: np.ndarray, soft: float) -> None:
             cv.multiply(cv.poly_mask(rim, soft), rng.uniform(0.7, 1.15))
         cv.blend(cv.stroke_mask(np.vstack([rim, rim[:1]]), width, soft * 0.8), frame)
     a, b = rims[0], rims[1]
-    inner_a, inner_b = a[np.argmin(np.linalg.norm(a - pts[27], axis=1))], b[np.argmin(np.linalg.norm(b - pts[27], axis=1))]
+    inner_a, inner_b = a[np.argmin(portable.norm(a - pts[27], axis=1))], b[np.argmin(portable.norm(b - pts[27], axis=1))]
     bridge = np.vstack([inner_a, (inner_a + inner_b) / 2 - np.array([0, 0.04 * iod]), inner_b])
     cv.blend(cv.stroke_mask(_catmull(bridge, closed=False, k=4), width, soft * 0.8), frame)
     for rim, ear_pt in ((a, pts[0]), (b, pts[16])):
-        outer = rim[np.argmax(np.linalg.norm(rim - pts[27], axis=1))]
+        outer = rim[np.argmax(portable.norm(rim - pts[27], axis=1))]
         cv.blend(cv.stroke_mask(np.vstack([outer, ear_pt - np.array([0, 0.05 * iod])]), width, soft * 0.8), frame)
 
 
@@ -524,12 +525,12 @@ def _hand(rng, cv: _Canvas, pts: np.ndarray, skin: np.ndarray, soft: float, fw: 
         side = rng.choice([-1.0, 1.0])
         jaw = pts[4] if side < 0 else pts[12]
         palm_c, up = jaw + np.array([side * 0.15, 0.2]) * fw, np.array([-side * 0.5, -1.0])
-    up = up / np.linalg.norm(up)
+    up = up / portable.norm(up)
     across = np.array([-up[1], up[0]])
     tone = np.clip(skin * rng.uniform(0.85, 1.08, 3), 0, 1)
     t = np.linspace(0, 2 * np.pi, 20, endpoint=False)
     pr = rng.uniform(0.18, 0.26) * fw
-    palm = palm_c + np.outer(np.cos(t) * pr, across) + np.outer(np.sin(t) * pr * 1.1, up)
+    palm = palm_c + np.outer(portable.cos(t) * pr, across) + np.outer(portable.sin(t) * pr * 1.1, up)
     cv.blend(cv.poly_mask(palm, soft * 1.5), tone)
     fwid = pr * rng.uniform(0.32, 0.42)
     for j, off in enumerate((-1.5, -0.5, 0.5, 1.5)):
@@ -543,7 +544,7 @@ def _hand(rng, cv: _Canvas, pts: np.ndarray, skin: np.ndarray, soft: float, fw: 
 def _paint_features(rng, cv: _Canvas, pts, unit, skin, hair, light, soft, yaw: float, strength: float = 1.0) -> None:
     """Eyes, brows, nose, mouth and shading details, each from its landmarks, at a per-face ``strength`` in (0, 1]
     (faint brows, lashes and lips are common in photos; the cartoon-strong features are not)."""
-    iod = np.linalg.norm(pts[36] - pts[45]) + 1e-6
+    iod = portable.norm(pts[36] - pts[45]) + 1e-6
     dark = skin * 0.35
     # eye sockets and upper-lid creases
     for eye, brow in ((np.arange(36, 42), np.arange(17, 22)), (np.arange(42, 48), np.arange(22, 27))):
@@ -563,7 +564,7 @@ def _paint_features(rng, cv: _Canvas, pts, unit, skin, hair, light, soft, yaw: f
     for eye in (np.arange(36, 42), np.arange(42, 48)):
         e = pts[eye]
         outline = _catmull(e, closed=True, k=6)
-        ew = np.linalg.norm(e[3] - e[0]) + 1e-6
+        ew = portable.norm(e[3] - e[0]) + 1e-6
         em = cv.poly_mask(outline, soft * 0.7)
         if em is None:
             continue
@@ -571,7 +572,7 @@ def _paint_features(rng, cv: _Canvas, pts, unit, skin, hair, light, soft, yaw: f
         cv.blend(em, sclera * (0.7 + 0.3 * light[2]))
         centre = e.mean(axis=0) + gaze * ew * np.array([1, 0.3])
         r = 0.24 * ew
-        circ = centre + r * np.column_stack([np.cos(np.linspace(0, 2 * np.pi, 20)), np.sin(np.linspace(0, 2 * np.pi, 20))])
+        circ = centre + r * np.column_stack([portable.cos(np.linspace(0, 2 * np.pi, 20)), portable.sin(np.linspace(0, 2 * np.pi, 20))])
         im = cv.poly_mask(circ, soft * 0.6)
         if im is not None:
             m, (ix, iy) = im
@@ -584,7 +585,7 @@ def _paint_features(rng, cv: _Canvas, pts, unit, skin, hair, light, soft, yaw: f
             if pm is not None:
                 cv.blend(pm, np.array([0.03, 0.03, 0.03]), 0.9)
         upper = _catmull(e[[0, 1, 2, 3]], closed=False, k=5)
-        lw = np.maximum(1.0, 0.09 * ew * np.sin(np.linspace(0.3, np.pi - 0.3, len(upper))) * 1.6)
+        lw = np.maximum(1.0, 0.09 * ew * portable.sin(np.linspace(0.3, np.pi - 0.3, len(upper))) * 1.6)
         cv.blend(cv.stroke_mask(upper, lw, soft * 0.6), np.array([0.05, 0.04, 0.04]), 0.92 * (0.4 + 0.6 * strength))
         lower = _catmull(e[[3, 4, 5, 0]], closed=False, k=5)
         cv.blend(cv.stroke_mask(lower, max(1.0, 0.04 * ew), soft * 0.6), dark, 0.5)
@@ -593,14 +594,14 @@ def _paint_features(rng, cv: _Canvas, pts, unit, skin, hair, light, soft, yaw: f
     # nose: ridge highlight / side shadow, base shadow, nostrils
     ridge = _catmull(pts[27:31], closed=False, k=4)
     side = np.sign(light[0]) if abs(light[0]) > 0.05 else 1.0
-    nw = np.linalg.norm(pts[31] - pts[35]) + 1e-6
+    nw = portable.norm(pts[31] - pts[35]) + 1e-6
     cv.multiply(cv.stroke_mask(ridge + np.array([-side * 0.28 * nw, 0]), 0.25 * nw, soft + nw * 0.1), 0.75)
     cv.multiply(cv.stroke_mask(ridge + np.array([side * 0.05 * nw, 0]), 0.12 * nw, soft + nw * 0.05), 1.15)
     wing_l = _catmull(np.vstack([pts[29] * 0.5 + pts[31] * 0.5 + np.array([-0.2 * nw, 0]), pts[31], pts[32]]), False, 4)
     wing_r = _catmull(np.vstack([pts[29] * 0.5 + pts[35] * 0.5 + np.array([0.2 * nw, 0]), pts[35], pts[34]]), False, 4)
     for wing in (wing_l, wing_r):
         cv.multiply(cv.stroke_mask(wing, 0.1 * nw, soft + 0.04 * nw), 0.6)
-    turn = abs(np.sin(np.radians(yaw)))
+    turn = abs(portable.sin(np.radians(yaw)))
     if turn > 0.1:  # turned face: the nose's profile edge against the far cheek
         far = 35 if yaw > 0 else 31
         prof = _catmull(np.vstack([pts[28], pts[29], pts[30], pts[far]]), closed=False, k=4)
@@ -611,15 +612,15 @@ def _paint_features(rng, cv: _Canvas, pts, unit, skin, hair, light, soft, yaw: f
     for a, b in ((31, 32), (35, 34)):
         c = pts[a] * 0.45 + pts[b] * 0.55 - np.array([0, 0.06 * nw])
         ax = 0.13 * nw
-        ell = c + np.column_stack([ax * np.cos(np.linspace(0, 2 * np.pi, 12)), 0.55 * ax * np.sin(np.linspace(0, 2 * np.pi, 12))])
+        ell = c + np.column_stack([ax * portable.cos(np.linspace(0, 2 * np.pi, 12)), 0.55 * ax * portable.sin(np.linspace(0, 2 * np.pi, 12))])
         cv.multiply(cv.poly_mask(ell, soft), 1 - 0.7 * (0.3 + 0.7 * strength))
     # mouth: lips, opening, corners
     lip = np.clip(skin * np.array([0.85, 0.55, 0.55]) + np.array([0.08, 0.0, 0.02]), 0, 1)
     outer = _catmull(pts[48:60], closed=True, k=5)
     cv.blend(cv.poly_mask(outer, soft * 0.8), lip, rng.uniform(0.6, 0.95) * strength)
-    mw = np.linalg.norm(pts[48] - pts[54]) + 1e-6
+    mw = portable.norm(pts[48] - pts[54]) + 1e-6
     inner = pts[60:68]
-    gap = np.linalg.norm(pts[62] - pts[66])
+    gap = portable.norm(pts[62] - pts[66])
     if gap > 0.04 * mw:
         mm = cv.poly_mask(_catmull(inner, closed=True, k=5), soft * 0.7)
         cv.blend(mm, np.array([0.12, 0.04, 0.04]) * rng.uniform(0.6, 2.2))
@@ -646,11 +647,11 @@ def _occlude(rng: np.random.Generator, cv: _Canvas, box) -> None:
     c = np.array([left + side * rng.uniform(0, 1), top + side * rng.choice([rng.uniform(0, 0.25), rng.uniform(0.75, 1.0)])])
     if rng.random() < 0.5:
         t = np.linspace(0, 2 * np.pi, 24, endpoint=False)
-        poly = c + np.column_stack([size * np.cos(t), size * rng.uniform(0.4, 1) * np.sin(t)])
+        poly = c + np.column_stack([size * portable.cos(t), size * rng.uniform(0.4, 1) * portable.sin(t)])
     else:
         a = rng.uniform(0, np.pi)
-        rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
-        poly = c + (np.array([[-1, -0.3], [1, -0.3], [1, 0.3], [-1, 0.3]]) * size) @ rot.T
+        rot = np.array([[portable.cos(a), -portable.sin(a)], [portable.sin(a), portable.cos(a)]])
+        poly = c + portable.matmul((np.array([[-1, -0.3], [1, -0.3], [1, 0.3], [-1, 0.3]]) * size), rot.T)
     mm = cv.poly_mask(poly, 0.8)
     if mm is None:
         return
@@ -683,7 +684,7 @@ def render_face(rng: np.random.Generator, cfg: Synthetic) -> tuple[np.ndarray, F
     img *= np.float32(rng.uniform(0.8, 1.15) * 255.0)
     if rng.random() < cfg.blur_prob:
         s = rng.uniform(0.4, 1.1)
-        img = ndimage.gaussian_filter(img, (s, s, 0), output=np.empty_like(img))
+        img = portable.gaussian_filter(img, (s, s, 0), mode="reflect")
     if cfg.noise_std > 0:  # per-pixel noise, mostly luminance
         std = np.float32(cfg.noise_std * rng.uniform(0.2, 1.0))
         img += rng.standard_normal(img.shape[:2] + (1,), dtype=np.float32) * std
@@ -702,7 +703,7 @@ def _render_and_write(args: tuple[str, str, int, int, Synthetic]) -> ImageRecord
     rng = np.random.default_rng(_image_seed(seed, split, i))
     image, face = render_face(rng, cfg)
     rel = f"images/{split}/{i:05d}.png"
-    write_image(Path(root) / rel, image)
+    write_image(Path(root) / rel, image, portable=True)  # same bytes on every machine (facemarks.io.png_bytes)
     return ImageRecord(file=rel, faces=[face])
 
 
