@@ -233,3 +233,40 @@ def test_match_detections_and_detection_row():
     assert row["n_faces"] == 2 and row["n_detections"] == 1 and row["fp_per_image"] == 0.0
     assert row["hit_rate"] == 0.5 and row["hit_rate_raw"] == 0.0 and np.isclose(row["mean_iou"], iou[0] / 2)
     assert matched[0].tolist() == [[5.0, 0.0, 100.0, 100.0]] and np.isnan(matched[1]).all()
+
+
+PHOTOS = ROOT.parent / "shared" / "real-photos"
+
+
+@needs_dlib
+@pytest.mark.skipif(not (PHOTOS / "deca_image03786.jpg").is_file(), reason="../shared/real-photos is absent")
+def test_photo_report_on_real_photos(tmp_path):
+    """photo_report on three small real photos (copied into a temp folder, with a contact sheet to skip): on
+    deca_image03786 (a tight 224 px crop) HOG finds no face and the CNN does, so ``hog`` misses one face that the
+    cascade finds; every count is consistent and each setting is timed; with a (real, untrained) model the
+    false-positive rule uses its landmark confidence."""
+    import shutil
+
+    import torch
+
+    from facemarks.detect_eval import SETTINGS, photo_report
+    from facemarks.model import build_model
+
+    if not D.cnn_available():
+        pytest.skip("dlib's CNN model file is not installed")
+    for name in ("deca_image03786.jpg", "deca_alfw2.jpg", "deca_exp_7.jpg"):
+        shutil.copy(PHOTOS / name, tmp_path / name)
+    shutil.copy(PHOTOS / "deca_alfw2.jpg", tmp_path / "contact.png")  # any image named contact*: skipped
+    torch.manual_seed(0)
+    report, timing = photo_report(tmp_path, build_model(head_width=8).eval(), "mse", size=64)
+    assert report["n_photos"] == 3 and report["skipped"] == ["contact.png"]
+    rows = report["settings"]
+    assert set(rows) == set(SETTINGS) and rows["hog"]["faces"] == 2 and rows["hog"]["missed"] >= 1
+    assert rows["auto"]["missed"] == 0 and rows["auto"]["recall"] == 1.0 and report["auto_fallback_photos"] >= 1
+    assert all(r["faces"] <= report["union_faces"] and 0 <= r["likely_fp"] <= r["faces"] for r in rows.values())
+    assert "landmark confidence <" in report["likely_fp_rule"] and np.isfinite(report["low_confidence"])
+    assert all(timing[f"{s}_ms_per_image_median"] > 0 for s in SETTINGS)
+    assert timing["auto_ms_per_image_median"] <= timing["hog-rotate_ms_per_image_median"] + timing[
+        "cnn_ms_per_image_median"] + 1e-6
+    keys = [*report, *(k for r in rows.values() for k in r)]
+    assert not [k for k in keys if "ms" in k.split("_")]  # timings go to `timing` only, never into the report

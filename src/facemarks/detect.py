@@ -410,6 +410,45 @@ def _by_score(found: list[Detection]) -> list[Detection]:
     return sorted(found, key=lambda d: -(d.score if d.score is not None else -math.inf))
 
 
+STAGES = ("hog", "cnn", "turned")  # the cascade's parts: HOG on the image, the CNN, HOG on the turned copies
+
+
+def run_stage(stage: str, image: np.ndarray, upsample: int = DLIB_UPSAMPLE,
+              adjust_threshold: float = 0.0) -> list[Detection]:
+    """One part of the cascade (:data:`STAGES`) on ``image``: its mapped detections, best score first."""
+    image = _uint8(image)
+    if stage == "hog":
+        return _by_score(_hog(image, upsample, adjust_threshold))
+    if stage == "cnn":
+        return _by_score(_cnn(image))
+    if stage == "turned":
+        return _by_score(_turned(image, upsample, adjust_threshold))
+    raise ValueError(f"run_stage: unknown stage {stage!r}; allowed: {', '.join(STAGES)}")
+
+
+def stages_for(setting: str, hog: list[Detection], shape: tuple[int, ...], cnn: bool | None = None) -> tuple[str, ...]:
+    """The stages a resolved ``setting`` (``hog`` / ``hog-rotate`` / ``cnn`` / ``auto``) runs on an image of
+    ``shape`` whose ``hog`` stage found ``hog``: ``auto`` adds ``cnn`` (when ``cnn``, default
+    :func:`cnn_available`) and ``turned`` only when :func:`hog_is_enough` is false."""
+    if setting == "cnn":
+        return ("cnn",)
+    if setting == "hog" or (setting == "auto" and hog_is_enough(hog, shape)):
+        return ("hog",)
+    if setting == "hog-rotate":
+        return ("hog", "turned")
+    if setting == "auto":
+        return ("hog", "cnn", "turned") if (cnn_available() if cnn is None else cnn) else ("hog", "turned")
+    raise ValueError(f"stages_for: not a dlib setting: {setting!r}")
+
+
+def assemble(setting: str, found: dict[str, list[Detection]], shape: tuple[int, ...],
+             cnn: bool | None = None) -> list[Detection]:
+    """The faces of ``setting`` from the stage results ``found`` (``{stage: detections}``, each best first; the
+    stages :func:`stages_for` names must be there): :func:`merge` of the stages in :data:`STAGES` order."""
+    return merge([d for stage in STAGES if stage in stages_for(setting, found["hog"] if "hog" in found else [],
+                                                              shape, cnn) for d in found[stage]])
+
+
 def detect(image: np.ndarray, detector: str = "auto", *, upsample: int = DLIB_UPSAMPLE,
            adjust_threshold: float = 0.0) -> list[Detection]:
     """Every face in ``image`` uint8 ``(H, W)`` or ``(H, W, 3)`` as :class:`Detection` (mapped box), one per face
@@ -423,15 +462,11 @@ def detect(image: np.ndarray, detector: str = "auto", *, upsample: int = DLIB_UP
     image = _uint8(image)
     if name == "cascade":
         return [Detection(map_box(b, "cascade"), None, "cascade", tuple(b)) for b in cascade_boxes(image)]
-    if name == "cnn":
-        return merge(_cnn(image))
-    hog = _by_score(_hog(image, upsample, adjust_threshold))
-    if name == "hog" or (name == "auto" and hog_is_enough(hog, image.shape)):
-        return merge(hog)
-    later = []
-    if name == "auto":
-        if cnn_available():
-            later = _by_score(_cnn(image))
-        else:
-            _notice_no_cnn()
-    return merge(hog + later + _by_score(_turned(image, upsample, adjust_threshold)))
+    found = {"hog": run_stage("hog", image, upsample, adjust_threshold)} if name != "cnn" else {}
+    plan = stages_for(name, found.get("hog", []), image.shape)
+    if name == "auto" and "turned" in plan and "cnn" not in plan:
+        _notice_no_cnn()
+    for stage in plan:
+        if stage not in found:
+            found[stage] = run_stage(stage, image, upsample, adjust_threshold)
+    return assemble(name, found, image.shape)
