@@ -1,4 +1,4 @@
-"""Stage evaluate: score models/{mse,bce} on data/augmented/test (every decoder, original px) against the mean shape
+"""Stage evaluate: score models/<loss> for each loss of `train.losses` on data/augmented/test (every decoder, original px) against the mean shape
 and dlib; write metrics/eval.json, metrics/ced.csv, data/eval/predictions.npz and timings/evaluate.json (ms per face,
 untracked); log test_* metrics to each train run. Face detectors on the test images and the astronaut:
 metrics/detect.json (quality), timings/detect.json (ms per image)."""
@@ -12,9 +12,9 @@ from facemarks.codec import DECODERS
 from facemarks.inference import time_per_face
 from facemarks.io import read_dlib_xml
 from facemarks.metrics import ced_csv
-from facemarks.model import LOSSES, load_model
+from facemarks.model import load_model
 from facemarks.params import load_params
-from facemarks.predict import DEFAULT_LOSS
+from facemarks.predict import fallback_loss
 from facemarks.runner import run
 from facemarks.runtime import OnnxHeatmaps
 from facemarks.stats import loss_comparison
@@ -40,10 +40,11 @@ def peers_notice(wanted: bool) -> str | None:
 
 def main() -> None:
     params = load_params()
-    ev, sigma, device = params.evaluate, params.encode.sigma, resolve_device("auto")
+    ev, sigma, device, losses = params.evaluate, params.encode.sigma, resolve_device("auto"), params.train.losses
     test, train = read_split("data/augmented/test"), read_split("data/augmented/train")
-    report, arrays, models = {}, {"gt": np.asarray(test.orig_points), "sigma": np.float64(sigma)}, {}
-    for loss in LOSSES:
+    report, models = {"losses": list(losses)}, {}
+    arrays = {"gt": np.asarray(test.orig_points), "sigma": np.float64(sigma)}
+    for loss in losses:
         models[loss] = load_model(f"models/{loss}/model.pt", device)
         report[loss], out = evaluation.evaluate_loss(models[loss], test, loss, sigma, ev.threshold, ev.batch_size,
                                                      ev.speed_faces, device)
@@ -61,12 +62,13 @@ def main() -> None:
     else:
         print(f"evaluate: no dlib68 row: {notice}")
     report["roundtrip"] = evaluation.roundtrip_summary(test, sigma)
-    # paired BCE - MSE per test face, every decoder; headline: each loss at its best decoder (facemarks.stats)
+    # every pair of losses per test face, every decoder; headline: each loss at its best decoder (facemarks.stats)
     report["comparison"] = loss_comparison(
-        {loss: {d: arrays[f"nme_{d}_{loss}"] for d in DECODERS} for loss in LOSSES},
-        {loss: report[loss]["best_decoder"] for loss in LOSSES}, seed=params.base.seed)
-    winner = report["comparison"]["winner"]  # a loss only when the 95 % interval excludes 0, else None (JSON null)
-    leader = winner or min(LOSSES, key=lambda name: report[name]["nme_io"])  # lower mean NME: shown in the figures
+        {loss: {d: arrays[f"nme_{d}_{loss}"] for d in DECODERS} for loss in losses},
+        {loss: report[loss]["best_decoder"] for loss in losses}, seed=params.base.seed)
+    # a loss only when it beats every other with 95 % intervals excluding 0, else None (JSON null)
+    winner = report["comparison"]["winner"]
+    leader = winner or min(losses, key=lambda name: report[name]["nme_io"])  # lower mean NME: shown in the figures
     report.update(winner=winner, leader=leader)
     meta_aug = test.meta.get("augment", {})
     report["astronaut"], astro = evaluation.astronaut(
@@ -78,7 +80,7 @@ def main() -> None:
                                                            margin=float(meta_aug.get("margin", 0.25)), sigma=sigma)
 
     # face detection quality per detector (metrics/detect.json), with the model `facemarks predict` uses by default
-    chosen = report["winner"] or DEFAULT_LOSS
+    chosen = report["winner"] or fallback_loss(losses)
     detection, detect_timing = evaluation.detection_report(
         models[chosen], chosen, read_dlib_xml("data/raw/test.xml"), "data/raw", size=int(test.meta["size"]),
         margin=float(meta_aug.get("margin", 0.25)), sigma=sigma, decoder=report[chosen]["best_decoder"],
@@ -91,16 +93,16 @@ def main() -> None:
               f"{row['fp_per_image']:.3f}, mean IoU {row['mean_iou']:.3f}; NME own / true box "
               f"{row.get('nme_own_box', float('nan')):.2f} / {row.get('nme_true_box', float('nan')):.2f} %")
 
-    errors = {name: arrays[f"nme_{name}"] for name in (*LOSSES, "dlib68") if f"nme_{name}" in arrays}
+    errors = {name: arrays[f"nme_{name}"] for name in (*losses, "dlib68") if f"nme_{name}" in arrays}
     with atomic_dir("data/eval") as tmp:
         save_npz_stable(tmp / "predictions.npz", {k: np.asarray(v) for k, v in arrays.items()})
     atomic_write_text("metrics/ced.csv", ced_csv(errors, ev.threshold))
-    quality, timing = split_timings(report, [f"{name}.{key}" for name in (*LOSSES, "dlib68") for key in EVAL_TIMINGS])
+    quality, timing = split_timings(report, [f"{name}.{key}" for name in (*losses, "dlib68") for key in EVAL_TIMINGS])
     atomic_write_json("metrics/eval.json", quality)
     write_timings("evaluate", timing)
-    evaluation.log_eval_mlflow(report, LOSSES)
+    evaluation.log_eval_mlflow(report, losses)
     register_winner(quality)
-    for name in (*LOSSES, "mean_shape", "dlib68"):
+    for name in (*losses, "mean_shape", "dlib68"):
         if name in report:
             r = report[name]
             print(f"evaluate: {name:10s} NME {r['nme_io']:.3f}% (io)  AUC {r['auc']:.3f}  FR {r['fr']:.3f}")
@@ -108,7 +110,8 @@ def main() -> None:
 
 
 def register_winner(report: dict) -> None:
-    """Register the evaluated winner (MSE when the comparison names none) as a new version of ``facemarks``: the model
+    """Register the evaluated winner (when the comparison names none: MSE, or the first loss of a list without MSE,
+    :func:`facemarks.predict.fallback_loss`) as a new version of ``facemarks``: the model
     that the train run tagged with ``models/<loss>/model.pt``'s md5 logged. ``dvc repro`` moves the alias
     ``champion`` to it; a DVC experiment (``dvc exp run``, the queue) only registers its version, tagged with its
     name, and leaves ``champion`` alone. Tags the evaluate run with the md5 of ``metrics/eval.json`` (the plot stage
@@ -118,7 +121,7 @@ def register_winner(report: dict) -> None:
 
     from facemarks import tracking
 
-    loss = report.get("winner") or "mse"
+    loss = report.get("winner") or fallback_loss(report.get("losses") or ("mse",))
     experiment = os.environ.get("DVC_EXP_NAME", "")
     eval_run = tracking.opened_run_id("evaluate")
     client_tags = {tracking.EVAL_HASH_TAG: tracking.file_md5("metrics/eval.json")}

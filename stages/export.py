@@ -1,4 +1,4 @@
-"""Stage export: models/<loss>/model.pt → exports/<loss>/model.onnx for both losses (ONNX, dynamic batch, heatmaps
+"""Stage export: models/<loss>/model.pt → exports/<loss>/model.onnx for each loss of `train.losses` (ONNX, dynamic batch, heatmaps
 out), checked against torch on data/augmented/test (metrics/export.json; the stage fails when parity is missed) and
 logged to each train@<loss> MLflow run with the onnx flavour, beside the PyTorch model."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import numpy as np
 from facemarks import export
 from facemarks.atomic import atomic_write_json
 from facemarks.evaluation import train_run_id
-from facemarks.model import LOSSES, load_model
+from facemarks.model import load_model
 from facemarks.params import load_params
 from facemarks.runner import run
 from facemarks.runtime import OnnxHeatmaps
@@ -20,7 +20,8 @@ def main() -> None:
     test = read_split("data/augmented/test")
     images, size = np.asarray(test.images), int(test.meta["size"])
     report, paths = {"opset": export.OPSET}, {}
-    for loss in LOSSES:
+    losses = params.train.losses
+    for loss in losses:
         source = f"models/{loss}/model.pt"
         model = load_model(source)
         paths[loss] = export.export_onnx(model, loss, f"exports/{loss}/model.onnx", size, source=source)
@@ -35,7 +36,7 @@ def main() -> None:
 
     from facemarks.tracking import start_run
 
-    for loss in LOSSES:  # into the train run; a fresh `<loss>-export` run only when that run is gone
+    for loss in losses:  # into the train run; a fresh `<loss>-export` run only when that run is gone
         with start_run("export", f"{loss}-export", run_id=train_run_id(loss), tags={"loss": loss}):
             export.log_onnx_mlflow(paths[loss], size)
             mlflow.log_metrics({"onnx_max_abs_heatmap_diff": report[loss]["max_abs_heatmap_diff"],

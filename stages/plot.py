@@ -1,4 +1,4 @@
-"""Stage plot: report figures and summary for MSE vs BCE into reports/eval/ (keypoints, heatmaps, best/worst,
+"""Stage plot: report figures and summary for the losses of `train.losses` into reports/eval/ (keypoints, heatmaps, best/worst,
 per-region NME, astronaut overlay, README.md), logged to MLflow as artifacts of the `evaluate` run that wrote
 metrics/eval.json (into the `plot` run itself when the store has none)."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ from facemarks import plots
 from facemarks.atomic import atomic_dir
 from facemarks.inference import make_codec, predict_crops
 from facemarks.metrics import nme, normaliser
-from facemarks.model import LOSSES, load_model
+from facemarks.model import load_model
 from facemarks.params import load_params
 from facemarks.runner import run
 from facemarks.store import read_split
@@ -22,7 +22,8 @@ OUT = Path("reports/eval")
 
 
 def main() -> None:
-    p = load_params().plot
+    params = load_params()
+    p, losses = params.plot, params.train.losses
     report = json.loads(Path("metrics/eval.json").read_text(encoding="utf-8"))
     with np.load("data/eval/predictions.npz", allow_pickle=False) as f:
         pred = dict(f)
@@ -31,7 +32,7 @@ def main() -> None:
     sigma, shown, n = float(pred["sigma"]), report["winner"] or report["leader"], min(p.n_examples, len(val))
     images, gt, vis = np.array(val.images[:n]), np.asarray(val.points[:n], np.float64), np.asarray(val.visible[:n])
     with atomic_dir(OUT) as tmp:
-        for loss in LOSSES:
+        for loss in losses:
             points, _, heat = predict_crops(load_model(Path("models") / loss / "model.pt"), images, loss, sigma,
                                             report[loss]["best_decoder"])
             err = nme(points, gt, normaliser(gt, "io"), vis)

@@ -1,4 +1,4 @@
-"""Stage train@<loss>: train the ResNet18 heatmap network with one loss (mse | bce).
+"""Stage train@<loss>: train the ResNet18 heatmap network with one loss of `train.losses` (mse | bce | awing).
 
 Reads data/augmented/{train,val}/ and data/heatmaps/{train,val}.npy; writes models/<loss>/model.pt,
 metrics/train_<loss>.json, metrics/train_<loss>_epochs.csv, timings/train_<loss>.json (seconds, img/s; untracked)
@@ -26,6 +26,8 @@ def main() -> None:
     loss = args.loss
 
     params = load_params()
+    if loss not in params.train.losses:
+        raise SystemExit(f"train@{loss}: {loss} is not in train.losses = {list(params.train.losses)}")
     cfg = train.TrainConfig.from_params(params.train, params.base, params.encode)
     device = train.resolve_device(params.train.device)
     rank, world = train.init_distributed(device)
@@ -38,7 +40,7 @@ def main() -> None:
         from facemarks.tracking import start_run
 
         previous = train.load_checkpoint(checkpoint_dir, train.fingerprint(cfg, data, loss))
-        run_params = {"loss": loss, "base": dataclasses.asdict(params.base), "train": dataclasses.asdict(params.train),
+        run_params = {"loss": loss, "base": dataclasses.asdict(params.base), "train": train_params(params.train),
                       "encode": {"sigma": cfg.sigma, "decoder": cfg.decoder}, "world_size": world,
                       "device": str(device), "input_size": data.input_size}
         run_id = train.existing_run_id(previous["run_id"]) if previous else None
@@ -56,6 +58,12 @@ def main() -> None:
               f"run {s['run_id']}")
     if world > 1:
         dist.destroy_process_group()
+
+
+def train_params(section) -> dict:
+    """The ``train`` section as logged to the train run: without ``losses`` (which other losses train beside this one
+    changes nothing in this run; runs from before the list have the same params)."""
+    return {k: v for k, v in dataclasses.asdict(section).items() if k != "losses"}
 
 
 if __name__ == "__main__":

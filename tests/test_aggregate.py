@@ -173,3 +173,32 @@ def test_budget_study_queues_budgets_times_seeds_then_starts_the_queue(capsys):
                 ["--study", "b1", "--seeds", "1", "1"]):
         with pytest.raises(SystemExit):
             study.main([*bad, "--dry-run"])
+
+
+def test_three_losses_pair_every_loss_over_seeds(store):
+    """Three losses scored by one evaluate (train.losses = [mse, bce, awing]): every pair over the seeds, the
+    overall winner only when it beats both others, the BCE − MSE keys as with two losses."""
+    import mlflow
+
+    mlflow.set_experiment("three")
+    for seed, (mse, bce, awing) in enumerate([(5.0, 5.5, 4.5), (5.2, 5.6, 4.8), (5.4, 6.0, 5.1)]):
+        with mlflow.start_run(run_name="evaluate") as ev:
+            mlflow.set_tags({"dvc.stage": "evaluate", "study": "s3"})
+            mlflow.log_metrics({"comparison.best.ci_low": 0.2, "comparison.pairs.awing-mse.best.ci_low": -0.7,
+                                "comparison.pairs.awing-mse.best.n": 300})
+        for loss, value in (("mse", mse), ("bce", bce), ("awing", awing)):
+            log_run(loss, seed, value, study="s3", evaluate_run=ev.info.run_id)
+    pairs, counts = aggregate.pair_runs(aggregate.search_train_runs("three", "s3"))
+    assert counts == {"runs": 9, "pairs": 3, "unpaired": 0, "superseded": 0}
+    assert pairs[0].losses == ["mse", "bce", "awing"] and pairs[0].diff("awing", "mse") == pytest.approx(-0.5)
+    assert pairs[0].faces["awing-mse"] == {"ci_low": -0.7, "n": 300} and pairs[0].face["ci_low"] == 0.2
+    (entry,) = aggregate.summarise(pairs)
+    assert list(entry["comparisons"]) == ["bce-mse", "awing-mse", "awing-bce"]
+    aw = entry["comparisons"]["awing-mse"]
+    assert aw["delta"]["mean"] == pytest.approx((-0.5 - 0.4 - 0.3) / 3) and aw["winner"] == "awing"
+    assert aw["wins"] == {"mse": 0, "awing": 3, "tie": 0}
+    assert entry["overall"] == "awing" and entry["winner"] == "mse" and entry["delta"]["mean"] == pytest.approx(0.5)
+    text = aggregate.seeds_text([entry])
+    assert "paired AWING − MSE over seeds: -0.400 NME points" in text and "better than every other loss: AWING" in text
+    awing_row = next(line for line in text.splitlines() if line.strip().startswith("awing "))
+    assert awing_row.split()[4:6] == ["3", "3"]  # n seeds, seeds won against both others

@@ -185,3 +185,63 @@ def test_images_to_tensor_and_outputs_to_heatmaps():
     logits = torch.tensor([0.0, 2.0])
     assert torch.equal(M.outputs_to_heatmaps(logits, "mse"), logits)
     assert torch.allclose(M.outputs_to_heatmaps(logits, "bce"), torch.sigmoid(logits))
+
+
+def _awing_by_hand(y: float, yhat: float) -> float:
+    """Adaptive Wing (Wang, Bo and Fuxin 2019, eq. 7) for one pixel with the paper's omega=14, theta=0.5, epsilon=1,
+    alpha=2.1, written out from the paper with the math module."""
+    omega, theta, eps, alpha = 14.0, 0.5, 1.0, 2.1
+    d, p = abs(y - yhat), alpha - y
+    if d < theta:
+        return omega * math.log(1 + (d / eps) ** p)
+    a = omega * (1 / (1 + (theta / eps) ** p)) * p * (theta / eps) ** (p - 1) * (1 / eps)
+    c = theta * a - omega * math.log(1 + (theta / eps) ** p)
+    return a * d - c
+
+
+def test_awing_loss_matches_the_paper_formula_computed_by_hand():
+    # one 4x4 map: target peak 0.9 at (1, 1) and 0.3 at (1, 2) (both > 0.2: the mask M), 0.1 elsewhere
+    y = torch.full((1, 1, 4, 4), 0.1)
+    y[0, 0, 1, 1], y[0, 0, 1, 2] = 0.9, 0.3
+    yhat = torch.zeros(1, 1, 4, 4)
+    yhat[0, 0, 1, 1] = 0.2   # |d| = 0.7 >= theta: linear branch, weight W + 1 = 11
+    yhat[0, 0, 1, 2] = 0.5   # |d| = 0.2 < theta: log branch, weight 11
+    yhat[0, 0, 3, 3] = 1.0   # |d| = 0.9 >= theta at y = 0.1, outside the dilated mask: weight 1
+    yhat[0, 0, 0, 0] = 0.1   # |d| = 0 : zero loss (inside the dilation of (1, 1): weight 11)
+    # dilation of the mask {(1,1), (1,2)} by 3x3: rows 0-2, columns 0-3 -> 12 pixels weigh 11, the 4 of row 3 weigh 1
+    weights = [[11.0] * 4] * 3 + [[1.0] * 4]
+    expect = sum(weights[i][j] * _awing_by_hand(float(y[0, 0, i, j]), float(yhat[0, 0, i, j]))
+                 for i in range(4) for j in range(4)) / 16
+    # the two branches by hand at the chosen pixels (a check of the helper itself against the paper's numbers)
+    assert _awing_by_hand(0.3, 0.5) == pytest.approx(14 * math.log(1 + 0.2 ** 1.8))
+    assert _awing_by_hand(0.9, 0.9) == 0.0
+    assert M.awing_weight_map(y)[0, 0].tolist() == weights
+    got = M.heatmap_loss(yhat, y, torch.ones(1, 1), "awing")
+    assert got.item() == pytest.approx(expect, rel=1e-6)
+    per_pixel = M.awing_per_pixel(yhat, y)[0, 0]
+    for i, j in [(1, 1), (1, 2), (3, 3), (0, 0), (2, 2)]:
+        assert per_pixel[i, j].item() == pytest.approx(_awing_by_hand(float(y[0, 0, i, j]), float(yhat[0, 0, i, j])),
+                                                       rel=1e-6, abs=1e-9), (i, j)
+
+
+def test_awing_branches_meet_at_theta_and_the_gradient_is_finite():
+    y = torch.tensor([0.0, 0.5, 1.0]).reshape(1, 3, 1, 1)
+    below = M.awing_per_pixel(y - (0.5 - 1e-6), y)
+    above = M.awing_per_pixel(y - (0.5 + 1e-6), y)
+    assert torch.allclose(below, above, atol=1e-4)  # continuous at |d| = theta (A and C are chosen for it)
+    # gradient: finite at d = 0 (targets hit exactly), at theta, far away, on a real map with the weight map
+    g = torch.Generator().manual_seed(1)
+    targets = torch.rand(2, 3, 8, 8, generator=g)
+    outputs = targets.clone()
+    outputs[0, 0, :4] += 0.5
+    outputs[1, 2] += torch.randn(8, 8, generator=g) * 5
+    outputs.requires_grad_(True)
+    M.heatmap_loss(outputs, targets, torch.ones(2, 3), "awing").backward()
+    assert torch.isfinite(outputs.grad).all()
+    assert torch.all(outputs.grad[0, 1] == 0)  # exact targets: zero gradient, not NaN
+    assert torch.all(outputs.grad[1, 2] != 0)
+
+
+def test_awing_outputs_are_heatmaps_as_is():
+    raw = torch.tensor([-0.2, 0.4, 1.3])
+    assert torch.equal(M.outputs_to_heatmaps(raw, "awing"), raw)

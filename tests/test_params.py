@@ -166,3 +166,32 @@ def test_study_name_and_training_seed():
         with pytest.raises(ParamsError) as err:
             parse_params(_nest(key, bad))
         _one_line_naming(err.value, key)
+
+
+def test_losses_list_is_validated_in_one_line():
+    assert Params().train.losses == ("mse", "bce") and load_params(ROOT / "params.yaml").train.losses == ("mse", "bce")
+    assert parse_params({"train": {"losses": ["mse", "bce", "awing"]}}).train.losses == ("mse", "bce", "awing")
+    assert parse_params({"train": {"losses": ["awing"]}}).train.losses == ("awing",)
+    for bad, words in (([], "is empty"), (["mse", "mse"], "more than once"), (["mse", "l1"], "'l1' not allowed"),
+                       ("mse", "wrong type"), ([1], "wrong type"), (None, "wrong type")):
+        with pytest.raises(ParamsError) as err:
+            parse_params({"train": {"losses": bad}})
+        _one_line_naming(err.value, "train.losses")
+        assert words in str(err.value), str(err.value)
+
+
+def test_loss_names_are_the_models_losses():
+    from facemarks.model import LOSSES
+    from facemarks.params import LOSS_NAMES
+
+    assert LOSS_NAMES == LOSSES
+
+
+def test_train_stage_lists_every_train_key_but_losses():
+    """train@<loss> must not rerun when only train.losses changes, and must rerun for every other train.* key: its
+    params in dvc.yaml are exactly the train section minus `losses`, plus base and the encode keys it reads."""
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]
+    assert stage["foreach"] == "${train.losses}"
+    listed = set(stage["do"]["params"])
+    train_keys = {f"train.{f.name}" for f in dataclasses.fields(Params().train) if f.name != "losses"}
+    assert listed == train_keys | {"base", "encode.sigma", "encode.decoder"}

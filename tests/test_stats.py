@@ -118,3 +118,39 @@ def test_verdict_without_an_interval_names_no_winner():
     winner, text = stats.verdict_text("bce", "mse", 0.3, float("nan"), float("nan"), None, 1, items="seeds")
     assert winner is None
     assert text == "not distinguishable at this budget: BCE − MSE = +0.300 NME points, no interval (n = 1 seeds)"
+
+
+def test_loss_comparison_pairs_every_loss_and_names_a_winner_only_against_all():
+    rng = np.random.default_rng(2)
+    base = rng.gamma(4.0, 0.015, 300)
+    noise = lambda: rng.normal(0, 0.002, 300)  # noqa: E731
+    per_face = {"mse": {"dark": base + 0.005 + noise()}, "bce": {"dark": base + 0.01 + noise()},
+                "awing": {"dark": base + noise()}}
+    best = {loss: "dark" for loss in per_face}
+    block = stats.loss_comparison(per_face, best, seed=1)
+    assert stats.loss_pairs(["mse", "bce", "awing"]) == [("bce", "mse"), ("awing", "mse"), ("awing", "bce")]
+    assert list(block["pairs"]) == ["bce-mse", "awing-mse", "awing-bce"] and block["losses"] == ["mse", "bce", "awing"]
+    for key, pair in block["pairs"].items():
+        a, b = pair["a"], pair["b"]
+        assert key == f"{a}-{b}" and pair["delta"] == f"{a} - {b}"
+        r = pair["best"]
+        assert r["mean_delta"] == pytest.approx(100 * (per_face[a]["dark"] - per_face[b]["dark"]).mean())
+        assert r["ci_low"] <= r["mean_delta"] <= r["ci_high"]
+    assert block["pairs"]["awing-mse"]["winner"] == "awing" and block["pairs"]["awing-bce"]["winner"] == "awing"
+    assert block["pairs"]["bce-mse"]["winner"] == "mse"
+    assert block["winner"] == "awing" and block["verdict"].startswith("AWING better than every other loss")
+    # the mission pair keeps the top-level keys of the two-loss block, with the very same numbers
+    two = stats.loss_comparison({k: per_face[k] for k in ("mse", "bce")}, best, seed=1)
+    assert block["delta"] == two["delta"] == "bce - mse" and block["best"] == two["best"]
+    assert block["decoders"] == two["decoders"] and two["winner"] == "mse"
+    assert two["verdict"] == two["best"]["verdict"] and list(two["pairs"]) == ["bce-mse"]
+    # no loss better than both others: awing equal to mse -> no overall winner although mse beats bce
+    per_face["awing"] = {"dark": per_face["mse"]["dark"] + rng.normal(0, 1e-4, 300)}
+    tie = stats.loss_comparison(per_face, best, seed=1)
+    assert tie["pairs"]["awing-mse"]["winner"] is None and tie["winner"] is None
+    assert tie["verdict"].startswith("no loss better than every other")
+    # one loss: nothing compared, no winner
+    one = stats.loss_comparison({"awing": per_face["awing"]}, best)
+    assert one["pairs"] == {} and one["winner"] is None and "nothing to compare" in one["verdict"]
+    # without bce the headline pair is the first one of the list
+    assert stats.loss_comparison({k: per_face[k] for k in ("mse", "awing")}, best)["delta"] == "awing - mse"

@@ -5,7 +5,7 @@ Note:
 
 Input is a float tensor (N, 1, S, S) with grey values in [0, 1] (see :func:`images_to_tensor`);
 the network normalises it itself, so callers never handle normalisation constants. The output is
-(N, K, S/4, S/4): heatmaps for the ``mse`` loss, logits for ``bce`` (:func:`outputs_to_heatmaps`).
+(N, K, S/4, S/4): heatmaps for the ``mse`` and ``awing`` losses, logits for ``bce`` (:func:`outputs_to_heatmaps`).
 """
 from __future__ import annotations
 
@@ -17,7 +17,15 @@ import numpy as np
 import torch
 from torch import nn
 
-LOSSES = ("mse", "bce")
+LOSSES = ("mse", "bce", "awing")  # every loss the library can train; params `train.losses` picks the trained ones
+# Adaptive Wing loss (Wang, Bo and Fuxin, ICCV 2019), the paper's values: omega, theta, epsilon, alpha, and the
+# weighted loss map: pixels within a 3x3 grey dilation of (target > AWING_MASK_THRESHOLD) weigh AWING_W + 1, others 1
+AWING_OMEGA = 14.0
+AWING_THETA = 0.5
+AWING_EPSILON = 1.0
+AWING_ALPHA = 2.1
+AWING_W = 10.0
+AWING_MASK_THRESHOLD = 0.2
 STRIDE = 4  # input pixels per heatmap cell
 # ImageNet RGB statistics averaged to one grey channel.
 GREY_MEAN = 0.449
@@ -203,10 +211,15 @@ def images_to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 def outputs_to_heatmaps(outputs: torch.Tensor, loss: str) -> torch.Tensor:
-    """Network outputs -> heatmaps in target units: sigmoid for ``bce`` logits, as-is for ``mse``."""
+    """Network outputs -> heatmaps in target units: sigmoid for ``bce`` logits, as-is for ``mse`` and ``awing``.
+
+    ``awing`` regresses the heatmap itself, like ``mse``: the Adaptive Wing loss is defined on the predicted value
+    ``yhat`` in target units (its exponent ``alpha - y`` reads the target in [0, 1]), and the paper applies it to the
+    raw output of the network. A sigmoid would saturate exactly where the loss wants its large gradients (near the
+    peak, ``yhat`` close to 1) and would add an activation the exported graph and the decoders do not need."""
     if loss == "bce":
         return torch.sigmoid(outputs)
-    if loss == "mse":
+    if loss in ("mse", "awing"):
         return outputs
     raise ValueError(f"outputs_to_heatmaps: unknown loss {loss!r}; allowed: {LOSSES}")
 
@@ -217,10 +230,11 @@ def heatmap_loss(
     """Per-keypoint weighted heatmap loss.
 
     Args:
-        outputs: (N, K, h, w) network outputs (logits for ``bce``).
+        outputs: (N, K, h, w) network outputs (logits for ``bce``; heatmaps in target units for ``mse``, ``awing``).
         targets: (N, K, h, w) target heatmaps in [0, 1].
         weights: (N, K) per-keypoint weights (visibility); 0 drops a keypoint.
-        loss: ``mse`` (squared error) or ``bce`` (binary cross-entropy with logits).
+        loss: ``mse`` (squared error), ``bce`` (binary cross-entropy with logits) or ``awing`` (Adaptive Wing with
+            the paper's weighted loss map, :func:`awing_per_pixel`).
 
     Returns:
         Scalar: sum_nk weights * mean_pixels(loss) / max(sum_nk weights, 1).
@@ -231,11 +245,43 @@ def heatmap_loss(
         per_pixel = (outputs - targets).square()
     elif loss == "bce":
         per_pixel = nn.functional.binary_cross_entropy_with_logits(outputs, targets, reduction="none")
+    elif loss == "awing":
+        per_pixel = awing_per_pixel(outputs, targets) * awing_weight_map(targets)
     else:
         raise ValueError(f"heatmap_loss: unknown loss {loss!r}; allowed: {LOSSES}")
     per_kp = per_pixel.mean(dim=(-2, -1))
     weights = weights.to(per_kp.dtype)
     return (per_kp * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def awing_per_pixel(predicted: torch.Tensor, targets: torch.Tensor, omega: float = AWING_OMEGA,
+                    theta: float = AWING_THETA, epsilon: float = AWING_EPSILON,
+                    alpha: float = AWING_ALPHA) -> torch.Tensor:
+    """Adaptive Wing loss per pixel (Wang, Bo and Fuxin, ICCV 2019, eq. 7), unweighted.
+
+    ``predicted`` yhat and ``targets`` y are (N, K, h, w) in target units; with ``d = |y - yhat|`` and ``p = alpha - y``:
+
+        ``omega * ln(1 + (d / epsilon) ** p)``   if ``d < theta``
+        ``A * d - C``                             otherwise,
+
+    ``A = omega / (1 + (theta / epsilon) ** p) * p * (theta / epsilon) ** (p - 1) / epsilon`` and
+    ``C = theta * A - omega * ln(1 + (theta / epsilon) ** p)``, which make the two branches meet with the same value
+    and slope at ``d = theta``. The gradient is finite everywhere (``p >= alpha - 1 > 1`` for y in [0, 1])."""
+    diff = (targets - predicted).abs()
+    power = alpha - targets
+    ratio = theta / epsilon
+    a = omega / (1.0 + ratio ** power) * power * ratio ** (power - 1.0) / epsilon
+    c = theta * a - omega * torch.log1p(ratio ** power)
+    small = omega * torch.log1p((diff / epsilon) ** power)
+    return torch.where(diff < theta, small, a * diff - c)
+
+
+def awing_weight_map(targets: torch.Tensor, w: float = AWING_W, threshold: float = AWING_MASK_THRESHOLD) -> torch.Tensor:
+    """The paper's loss weight ``W * M + 1`` (N, K, h, w): ``M`` the 3x3 grey dilation of ``targets > threshold`` on
+    each map (a 3x3 max filter of the binary mask, the map's border not extended)."""
+    mask = (targets > threshold).to(targets.dtype)
+    dilated = nn.functional.max_pool2d(mask.flatten(0, -3).unsqueeze(1), kernel_size=3, stride=1, padding=1)
+    return w * dilated.reshape(targets.shape) + 1.0
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> HeatmapNet:

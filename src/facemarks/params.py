@@ -173,6 +173,9 @@ class Evaluate:
     speed_faces: int = _p(32, 1, 100000, doc="faces timed for the ms/face speed rows")
     peers: bool = _p(True, doc="add the dlib68 row when the peers extra is installed")
     detect_images: int = _p(300, 1, 1_000_000, doc="test images scored for face detection (metrics/detect.json)")
+    photos: str = _p("", doc="folder of real photos scored per loss (the photos block of metrics/eval.json); "
+                             "empty: the two bundled portraits")
+    photos_glob: str = _p("", doc="file-name glob narrowing the photos of evaluate.photos (e.g. '*.jpg'); empty: all")
 
 
 @dataclass(frozen=True)

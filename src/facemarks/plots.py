@@ -1,4 +1,4 @@
-"""Report figures (matplotlib, Agg) and the markdown summary of MSE vs BCE.
+"""Report figures (matplotlib, Agg) and the markdown summary of the trained losses (``train.losses``).
 
 Shapes: crops uint8 ``(N, S, S)``, points ``(N, K, 2)`` crop px, heatmaps ``(K, h, w)`` with stride ``S / w``,
 per-face NME ``(N,)`` fraction. Every ``*_figure`` returns a ``matplotlib.figure.Figure``; :func:`save_figure`
@@ -86,10 +86,17 @@ def best_worst_figure(images: np.ndarray, gt: np.ndarray, pred: np.ndarray, nme:
     return fig
 
 
-def regions_figure(report: dict[str, Any], names: tuple[str, ...] = ("mse", "bce", "dlib68", "mean_shape")) -> Any:
-    """Grouped bars of per-region NME (%) for each predictor present in the ``eval.json`` report."""
+def report_losses(report: dict[str, Any]) -> list[str]:
+    """The losses an ``eval.json`` report scored: its ``losses`` list (``train.losses``), ``[mse, bce]`` for a report
+    from before the list."""
+    return list(report.get("losses") or ("mse", "bce"))
+
+
+def regions_figure(report: dict[str, Any], names: tuple[str, ...] | None = None) -> Any:
+    """Grouped bars of per-region NME (%) for each predictor present in the ``eval.json`` report (default: its losses,
+    then dlib68 and the mean shape)."""
     rows = []
-    for name in names:
+    for name in names or (*report_losses(report), "dlib68", "mean_shape"):
         entry = report.get(name)
         if not entry:
             continue
@@ -129,7 +136,7 @@ def astronaut_figure(image: np.ndarray, box: np.ndarray, ours: np.ndarray, dlib:
 
 
 def summary_markdown(report: dict[str, Any]) -> str:
-    """``reports/eval/README.md``: MSE vs BCE (and dlib68, mean shape) table and the paired comparison
+    """``reports/eval/README.md``: a table of each loss (and dlib68, mean shape) and the paired comparisons
     (:func:`comparison_markdown`)."""
     lines = ["# Evaluation summary (test set)", "",
              "NME in % (inter-ocular = 300-W convention; inter-pupil; box diagonal), AUC and FR at the threshold "
@@ -137,7 +144,8 @@ def summary_markdown(report: dict[str, Any]) -> str:
              "`timings/evaluate.json` and the MLflow `evaluate` run, not here.", "",
              "| model | decoder | NME io % | NME ip % | NME box % | AUC | FR |",
              "|---|---|---|---|---|---|---|"]
-    for name in ("mse", "bce", "dlib68", "mean_shape"):
+    losses = report_losses(report)
+    for name in (*losses, "dlib68", "mean_shape"):
         e = report.get(name)
         if not e:
             continue
@@ -165,32 +173,42 @@ def summary_markdown(report: dict[str, Any]) -> str:
     if rt:
         lines += [f"Round-trip error of the test targets (subpixel decoder): mean {rt['subpixel']:.2e} px, "
                   f"max {rt['subpixel_max']:.2e} px.", ""]
-    lines += ["Figures: `keypoints_mse.png`, `keypoints_bce.png`, `heatmaps.png`, `best_worst.png`, `regions.png`, "
-              "`astronaut.png`.", ""]
+    lines += ["Figures: " + ", ".join(f"`keypoints_{loss}.png`" for loss in losses) + ", `heatmaps.png`, "
+              "`best_worst.png`, `regions.png`, `astronaut.png`.", ""]
     return "\n".join(lines)
 
 
 def comparison_markdown(comparison: dict[str, Any]) -> list[str]:
     """The ``comparison`` block of ``eval.json`` (:func:`facemarks.stats.loss_comparison`) in plain words: the
-    headline verdict ("MSE better by X [95 % CI a, b], p = …" or "not distinguishable at this budget") and one row
-    per decoder."""
-    best = comparison["best"]
-    head = (f"each loss at its own best decoder (MSE: {best['decoder_mse']}, BCE: {best['decoder_bce']})"
-            if comparison["headline"] == "best_decoder" else comparison["headline"])
-    lines = ["## MSE vs BCE on the same test faces", "",
-             f"**{comparison['verdict'][0].upper()}{comparison['verdict'][1:]}.**", "",
-             f"Per test face ΔNME = NME(BCE) − NME(MSE) in NME points (%): its mean, a percentile bootstrap "
-             f"{100 * comparison['level']:.0f} % interval ({comparison['n_boot']} resamples of the faces, seed "
-             f"{comparison['seed']}) and the Wilcoxon signed-rank p-value. Headline: {head}. A loss is named the "
-             "winner only when the interval excludes 0 (`winner` in `metrics/eval.json`, else null). One training "
-             "seed: the seed-to-seed spread is not in this interval (`facemarks compare`, `studies/`).", "",
-             "| decoder | MSE NME % | BCE NME % | Δ BCE − MSE | 95 % CI | Wilcoxon p | verdict |",
-             "|---|---|---|---|---|---|---|"]
-    for name, r in [("best (headline)", best), *comparison["decoders"].items()]:
-        verdict = f"{r['winner'].upper()} better" if r["winner"] else "not distinguishable"
-        lines.append(f"| {name} | {r['mean_mse']:.3f} | {r['mean_bce']:.3f} | {r['mean_delta']:+.3f} | "
-                     f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] | {r['p_wilcoxon']:.2g} | {verdict} |")
-    return [*lines, ""]
+    headline verdict ("MSE better by X [95 % CI a, b], p = …", "AWING better than every other loss (…)" or "not
+    distinguishable at this budget") and, per pair of losses, one row per decoder. A block from before the loss list
+    (no ``pairs``) is its BCE − MSE pair."""
+    pairs = comparison.get("pairs")
+    if pairs is None:
+        pairs = {"bce-mse": {"a": "bce", "b": "mse", **comparison}}
+    verdict = comparison["verdict"]
+    lines = [f"**{verdict[0].upper()}{verdict[1:]}.**", "",
+             f"Per test face ΔNME = NME(A) − NME(B) in NME points (%) for each pair of losses: its mean, a percentile "
+             f"bootstrap {100 * comparison['level']:.0f} % interval ({comparison['n_boot']} resamples of the faces, "
+             f"seed {comparison['seed']}) and the Wilcoxon signed-rank p-value. A loss is named the winner only when "
+             "it is better than every other loss with each interval excluding 0 (`winner` in `metrics/eval.json`, "
+             "else null). One training seed: the seed-to-seed spread is not in this interval (`facemarks compare`, "
+             "`studies/`).", ""]
+    for pair in pairs.values():
+        a, b = pair["a"], pair["b"]
+        best = pair["best"]
+        head = (f"each loss at its own best decoder ({b.upper()}: {best[f'decoder_{b}']}, {a.upper()}: "
+                f"{best[f'decoder_{a}']})" if comparison["headline"] == "best_decoder" else comparison["headline"])
+        lines += [f"## {b.upper()} vs {a.upper()} on the same test faces", "",
+                  f"{pair['verdict'][0].upper()}{pair['verdict'][1:]}. Headline: {head}.", "",
+                  f"| decoder | {b.upper()} NME % | {a.upper()} NME % | Δ {a.upper()} − {b.upper()} | 95 % CI | "
+                  "Wilcoxon p | verdict |", "|---|---|---|---|---|---|---|"]
+        for name, r in [("best (headline)", best), *pair["decoders"].items()]:
+            verdict = f"{r['winner'].upper()} better" if r["winner"] else "not distinguishable"
+            lines.append(f"| {name} | {r[f'mean_{b}']:.3f} | {r[f'mean_{a}']:.3f} | {r['mean_delta']:+.3f} | "
+                         f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] | {r['p_wilcoxon']:.2g} | {verdict} |")
+        lines.append("")
+    return lines
 
 
 def heatmap_indices(n: int) -> list[int]:
@@ -198,3 +216,23 @@ def heatmap_indices(n: int) -> list[int]:
     preferred = [36, 45, 30, 48, 54, 8, 19, 24, 39, 42, 51, 57, 0, 16]
     rest = [k for k in range(68) if k not in preferred]
     return (preferred + rest)[:n]
+
+
+def photos_sheet_figure(crops: np.ndarray, ref: np.ndarray, pred: np.ndarray, nme_pct: np.ndarray, labels: Any,
+                        title: str, cols: int = 4) -> Any:
+    """Contact sheet of the worst real-photo faces: grey crops ``(M, S, S)`` with the reference ``(M, K, 2)`` (green)
+    and the prediction ``(M, K, 2)`` (red) in crop px, each titled with its file, reference kind and NME (%)."""
+    if len(crops) == 0:
+        fig = plt.figure(figsize=(4, 1))
+        fig.text(0.5, 0.5, "no real-photo faces scored", ha="center")
+        return fig
+    fig, axes = _grid(len(crops), cols, cell=2.6)
+    for ax, img, r, p, e, label in zip(axes, crops, ref, pred, nme_pct, labels):
+        ax.imshow(img, cmap="gray", vmin=0, vmax=255)
+        ax.scatter(*np.asarray(r).T, **{**GT_STYLE, "label": "reference"})
+        ax.scatter(*np.asarray(p).T, **PRED_STYLE)
+        ax.set_title(f"{str(label)[:34]}\nNME {float(e):.1f} %", fontsize=7)
+    axes[0].legend(fontsize=6, loc="lower left")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -145,31 +145,78 @@ def seed_interval(delta: np.ndarray, level: float = LEVEL) -> dict[str, float]:
 HEADLINE = "best_decoder"  # the headline pairs each loss at its own best test decoder (the eval.json `nme_io` rows)
 
 
+MISSION_PAIR = ("bce", "mse")  # the pair whose rows keep the block's top-level keys (a, b: delta = a - b)
+
+
+def loss_pairs(losses: tuple[str, ...] | list[str]) -> list[tuple[str, str]]:
+    """Every pair of ``losses`` once, as ``(a, b)`` with ``delta = a - b`` and ``a`` the later one in the list:
+    ``[mse, bce, awing]`` -> ``[(bce, mse), (awing, mse), (awing, bce)]``."""
+    losses = list(losses)
+    return [(losses[j], losses[i]) for i in range(len(losses)) for j in range(i + 1, len(losses))]
+
+
+def pair_key(a: str, b: str) -> str:
+    """``"bce-mse"``: the key of pair ``(a, b)`` under ``comparison.pairs`` (delta = a - b)."""
+    return f"{a}-{b}"
+
+
+def overall_winner(losses: list[str] | tuple[str, ...], pair_winners: dict[tuple[str, str], str | None]) -> str | None:
+    """The loss that wins its pair against every other loss (each interval excludes 0), else None; with one loss,
+    None (nothing was compared)."""
+    for loss in losses:
+        others = [pair for pair in pair_winners if loss in pair]
+        if others and len(others) == len(losses) - 1 and all(pair_winners[pair] == loss for pair in others):
+            return loss
+    return None
+
+
 def loss_comparison(per_face: dict[str, dict[str, np.ndarray]], best: dict[str, str], seed: int = 0,
-                    names: tuple[str, str] = ("bce", "mse"), n_boot: int = N_BOOT) -> dict[str, Any]:
-    """The ``comparison`` block of ``metrics/eval.json``: BCE vs MSE on the same test faces, in NME points (%).
+                    n_boot: int = N_BOOT) -> dict[str, Any]:
+    """The ``comparison`` block of ``metrics/eval.json``: every pair of losses on the same test faces, NME points (%).
 
     Args:
-        per_face: ``{loss: {decoder: NME (N,) as a fraction}}`` for both losses (the same N faces, same order).
+        per_face: ``{loss: {decoder: NME (N,) as a fraction}}`` for each evaluated loss (the same N faces, same
+            order), in the order of ``train.losses``.
         best: ``{loss: decoder}``, each loss's best decoder on the test set.
-        seed: bootstrap seed (``base.seed``).
+        seed: bootstrap seed (``base.seed``), the same for every pair.
 
-    Returns ``{"delta", "unit", "level", "n_boot", "seed", "headline", "decoders": {decoder: row}, "best": row,
-    "winner", "verdict"}``. A row is ``{"n", "mean_<a>", "mean_<b>", "mean_delta", "ci_low", "ci_high",
-    "p_wilcoxon", "winner", "verdict"}`` (:func:`paired_comparison`, delta = BCE − MSE); ``decoders`` pairs both
-    losses at the same decoder, ``best`` each at its own best one (and names them, ``decoder_<loss>``).
-    ``winner``/``verdict`` are the headline's (:data:`HEADLINE`): a loss name only when its interval excludes 0.
+    Returns ``{"losses", "pairs", "level", "n_boot", "seed", "headline", "unit", "winner", "verdict"}`` and, for the
+    headline pair (BCE vs MSE when both were evaluated, else the first pair of :func:`loss_pairs`), its rows at the
+    top level as before the list: ``"delta"``, ``"decoders"``, ``"best"``. ``pairs`` maps :func:`pair_key` to
+    ``{"a", "b", "delta", "decoders": {decoder: row}, "best": row, "winner", "verdict"}``; a row is ``{"n",
+    "mean_<a>", "mean_<b>", "mean_delta", "ci_low", "ci_high", "p_wilcoxon", "winner", "verdict"}``
+    (:func:`paired_comparison`, delta = a − b); ``decoders`` pairs both losses at the same decoder, ``best`` each at
+    its own best one (and names them, ``decoder_<loss>``). ``winner``: the loss better than every other at the
+    headline (:data:`HEADLINE`) with each interval excluding 0 (:func:`overall_winner`), else None; ``verdict``: the
+    headline pair's sentence for two losses, else one sentence over every pair.
     """
-    a, b = names
+    losses = list(per_face)
 
-    def row(da: str, db: str) -> dict[str, Any]:
-        c = paired_comparison(100 * np.asarray(per_face[a][da]), 100 * np.asarray(per_face[b][db]), names, seed, n_boot)
+    def row(a: str, b: str, da: str, db: str) -> dict[str, Any]:
+        c = paired_comparison(100 * np.asarray(per_face[a][da]), 100 * np.asarray(per_face[b][db]), (a, b), seed,
+                              n_boot)
         return {"n": c.n, f"mean_{a}": c.mean_a, f"mean_{b}": c.mean_b, "mean_delta": c.mean_delta,
                 "ci_low": c.ci_low, "ci_high": c.ci_high, "p_wilcoxon": c.p_wilcoxon, "winner": c.winner,
                 "verdict": c.verdict}
 
-    rows = {d: row(d, d) for d in per_face[a] if d in per_face[b]}
-    head = {f"decoder_{a}": best[a], f"decoder_{b}": best[b], **row(best[a], best[b])}
-    return {"delta": f"{a} - {b}", "unit": "NME % (inter-ocular), per test face", "level": LEVEL, "n_boot": n_boot,
-            "seed": int(seed), "headline": HEADLINE, "decoders": rows, "best": head, "winner": head["winner"],
-            "verdict": head["verdict"]}
+    pairs: dict[str, dict[str, Any]] = {}
+    for a, b in loss_pairs(losses):
+        rows = {d: row(a, b, d, d) for d in per_face[a] if d in per_face[b]}
+        head = {f"decoder_{a}": best[a], f"decoder_{b}": best[b], **row(a, b, best[a], best[b])}
+        pairs[pair_key(a, b)] = {"a": a, "b": b, "delta": f"{a} - {b}", "decoders": rows, "best": head,
+                                 "winner": head["winner"], "verdict": head["verdict"]}
+    winner = overall_winner(losses, {(p["a"], p["b"]): p["winner"] for p in pairs.values()})
+    block: dict[str, Any] = {"losses": losses, "unit": "NME % (inter-ocular), per test face", "level": LEVEL,
+                             "n_boot": n_boot, "seed": int(seed), "headline": HEADLINE}
+    if pairs:
+        key = pair_key(*MISSION_PAIR) if pair_key(*MISSION_PAIR) in pairs else next(iter(pairs))
+        block.update(delta=pairs[key]["delta"], decoders=pairs[key]["decoders"], best=pairs[key]["best"])
+    if len(pairs) == 1:
+        verdict = next(iter(pairs.values()))["verdict"]
+    elif not pairs:
+        verdict = f"one loss ({losses[0] if losses else 'none'}): nothing to compare"
+    else:
+        each = "; ".join(f"{p['a'].upper()} vs {p['b'].upper()}: {p['verdict']}" for p in pairs.values())
+        verdict = (f"{winner.upper()} better than every other loss ({each})" if winner
+                   else f"no loss better than every other ({each})")
+    return {**block, "pairs": pairs, "winner": winner, "verdict": verdict}
