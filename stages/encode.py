@@ -26,16 +26,11 @@ OUT = Path("data/heatmaps")
 ROUNDTRIP = Path("metrics/roundtrip.json")
 
 
-def main() -> None:
-    params = load_params()
-    enc = params.encode
-    splits = {name: read_split(Path("data/augmented") / name) for name in SPLITS}
-    size = int(splits["train"].meta["size"])
-    if size % STRIDE:
-        raise DataError(f"data/augmented/train/meta.json: size {size} is not a multiple of the model stride {STRIDE}")
-    hm = codec.HeatmapCodec(size, size // STRIDE, enc.sigma)
-
-    with atomic_dir(OUT) as tmp:
+def write_heatmaps(splits: dict, hm: codec.HeatmapCodec, enc, out: Path) -> dict:
+    """Write ``out/{split}.npy``, ``out/{split}_weights.npy`` and ``out/meta.json`` (the folder appears whole);
+    returns the counts per split. The bytes depend on the data alone (tests/test_repro_bytes.py)."""
+    size = hm.input_size
+    with atomic_dir(out) as tmp:
         counts = {}
         for name, split in splits.items():
             weights = codec.encode_to_npy(tmp / f"{name}.npy", split.points, split.visible, hm, enc.dtype)
@@ -44,6 +39,18 @@ def main() -> None:
         meta = {"sigma": enc.sigma, "input_size": size, "heatmap_size": hm.heatmap_size, "stride": hm.stride,
                 "dtype": enc.dtype, "splits": counts}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    return counts
+
+
+def main() -> None:
+    params = load_params()
+    enc = params.encode
+    splits = {name: read_split(Path("data/augmented") / name) for name in SPLITS}
+    size = int(splits["train"].meta["size"])
+    if size % STRIDE:
+        raise DataError(f"data/augmented/train/meta.json: size {size} is not a multiple of the model stride {STRIDE}")
+    hm = codec.HeatmapCodec(size, size // STRIDE, enc.sigma)
+    counts = write_heatmaps(splits, hm, enc, OUT)
 
     dtypes = tuple(dict.fromkeys(("float32", enc.dtype)))
     rng = np.random.default_rng(params.base.seed)
