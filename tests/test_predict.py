@@ -60,6 +60,19 @@ def test_model_choice_follows_the_eval_winner_else_mse(tmp_path):
         choose_model(model="x/model.pt", eval_json=ev)
 
 
+def test_model_choice_follows_the_losses_list(tmp_path):
+    """The winner may be any loss of the list (awing); with no winner and no mse in the list, the list's first loss."""
+    ev = write_eval(tmp_path, {"winner": "awing", "losses": ["mse", "bce", "awing"]})
+    c = choose_model(eval_json=ev, models_dir=tmp_path / "models")
+    assert (c.loss, c.path) == ("awing", tmp_path / "models" / "awing" / "model.pt")
+    write_eval(tmp_path, {"winner": None, "losses": ["mse", "bce", "awing"]})
+    assert choose_model(eval_json=ev, models_dir=tmp_path / "models").loss == "mse"
+    write_eval(tmp_path, {"winner": None, "losses": ["awing", "bce"]})
+    c = choose_model(eval_json=ev, models_dir=tmp_path / "models")
+    assert c.loss == "awing" and "no winner" in c.why and c.path.parent.name == "awing"
+    assert choose_model(model="x/awing/model.pt", eval_json=ev).loss == "awing"
+
+
 @pytest.mark.parametrize("winner, expected", [("bce", "bce"), (None, "mse")])
 def test_cli_predict_uses_and_reports_the_chosen_model(models_dir, monkeypatch, capsys, winner, expected):
     write_eval(models_dir, {"winner": winner})
