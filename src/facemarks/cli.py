@@ -6,6 +6,7 @@
     facemarks compare [--experiment NAME] [--study NAME]
     facemarks preset NAME [--params params.yaml]
     facemarks ui [--launch]
+    facemarks summary [--check]
 """
 from __future__ import annotations
 
@@ -230,6 +231,20 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_summary(args: argparse.Namespace) -> int:
+    """Write the results-at-a-glance table from metrics/eval.json into reports/summary.md and README.md
+    (:func:`facemarks.summary.refresh`); ``--check``: write nothing, 1 when either file is stale."""
+    from facemarks.summary import refresh
+
+    stale = refresh(args.root, check=args.check, params=args.params)
+    if args.check:
+        for path in stale:
+            print(f"facemarks summary: {path} is stale (run: facemarks summary)", file=sys.stderr)
+        return 1 if stale else 0
+    print(f"facemarks summary: wrote {', '.join(stale)}" if stale else "facemarks summary: up to date")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from facemarks.detect import DETECTORS
 
@@ -268,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--port", type=int, default=5000)
     u.add_argument("--launch", action="store_true")
     u.set_defaults(func=cmd_ui)
+    m = sub.add_parser("summary", parents=[common], help="write the results table of metrics/eval.json into "
+                       "reports/summary.md and README.md")
+    m.add_argument("--check", action="store_true", help="write nothing; exit 1 when either file is stale")
+    m.add_argument("--root", default=".", help="repository root (default: the current folder)")
+    m.set_defaults(func=cmd_summary)
     return parser
 
 
