@@ -154,6 +154,11 @@ def test_export_stage_writes_onnx_parity_metrics_and_logs_the_onnx_flavour(tiny_
         assert r["n_faces"] > 0 and r["n_points"] == 68 * r["n_faces"]
         runtime = OnnxHeatmaps(tiny_repo / f"exports/{loss}/model.onnx")
         assert (runtime.loss, runtime.input_size) == (loss, size)
+        q, int8 = r["int8"], OnnxHeatmaps(tiny_repo / f"exports/{loss}/model.int8.onnx")  # the int8 twin
+        assert int8.precision == "int8" and int8.metadata["source_sha256"] == runtime.metadata["source_sha256"]
+        assert "test" in q["checks"] and q["checks"]["test"]["n_faces"] == r["n_faces"]
+        assert int8.metadata["int8_check"] == ("passed" if q["ok"] else "failed")  # the verdict travels in the file
+        assert q["ok"] == (q["max_nme_delta"] <= q["tolerance_nme"]) and not any("ms" in k for k in q)
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tiny_repo / 'mlflow.db'}")
     exp = client.get_experiment_by_name("facemarks")
     train_runs = {r.data.tags["loss"]: r.info.run_id for r in client.search_runs(
