@@ -247,3 +247,14 @@ def test_readme_dvc_exp_show_fits_120_columns_and_shows_what_changed(tmp_path):
     assert sorted(h for h in header if h.endswith(".nme_io")) == sorted(f"{loss}.nme_io" for loss in losses), header
     assert not any(h.startswith(("augment.", "encode.", "base.", "data.")) for h in header), header
     assert "0.002" in proc.stdout and "0.001" in proc.stdout
+
+
+def test_mlflow_commands_shown_bind_to_loopback():
+    shown = []
+    for page in PAGES:
+        for block in bash_blocks(page.read_text(encoding="utf-8")):
+            for cmd in shell_commands(block):
+                if cmd[:2] in (["mlflow", "ui"], ["mlflow", "server"]):
+                    shown.append(cmd)
+                    assert "--host" in cmd and cmd[cmd.index("--host") + 1] == "127.0.0.1", (rel(page), cmd)
+    assert len(shown) >= 2, shown
