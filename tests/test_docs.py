@@ -258,3 +258,17 @@ def test_mlflow_commands_shown_bind_to_loopback():
                     shown.append(cmd)
                     assert "--host" in cmd and cmd[cmd.index("--host") + 1] == "127.0.0.1", (rel(page), cmd)
     assert len(shown) >= 2, shown
+
+
+def test_readme_dvc_exp_show_keeps_every_params_section():
+    """The README's ``--drop`` keeps the columns of every top-level section of params.yaml (a new section would
+    otherwise vanish from the comparison) and drops metric columns."""
+    import yaml
+
+    sections = set(yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8")))
+    for cmd in _exp_show_commands():
+        drop = re.compile(cmd[cmd.index("--drop") + 1])
+        for section in sections:
+            assert not drop.match(f"{section}.some_key"), (section, cmd)
+        for metric in ("mse.nme_io", "comparison.verdict", "Created", "metrics/train_mse.json:best_val_nme"):
+            assert drop.match(metric), (metric, cmd)
