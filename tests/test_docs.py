@@ -272,3 +272,45 @@ def test_readme_dvc_exp_show_keeps_every_params_section():
             assert not drop.match(f"{section}.some_key"), (section, cmd)
         for metric in ("mse.nme_io", "comparison.verdict", "Created", "metrics/train_mse.json:best_val_nme"):
             assert drop.match(metric), (metric, cmd)
+
+
+def test_every_dvc_exp_run_set_shown_applies_and_validates(tmp_path):
+    """Each ``dvc exp run -S key=value ...`` shown, applied by DVC's own override code (Hydra grammar, struct mode:
+    an unknown key is refused) to a copy of params.yaml, gives a file that passes the real validation
+    (:func:`facemarks.params.load_params`), as the stages would check it."""
+    from dvc.utils.hydra import apply_overrides
+
+    from facemarks.params import load_params
+
+    checked = 0
+    for page in PAGES:
+        for block in bash_blocks(page.read_text(encoding="utf-8")):
+            for cmd in shell_commands(block):
+                if cmd[:3] != ["dvc", "exp", "run"]:
+                    continue
+                sets = [cmd[i + 1] for i, w in enumerate(cmd) if w in ("-S", "--set-param")]
+                if not sets:
+                    continue
+                params = tmp_path / f"params{checked}.yaml"
+                shutil.copy2(ROOT / "params.yaml", params)
+                try:
+                    apply_overrides(params, sets)
+                    load_params(params)
+                except Exception as exc:  # noqa: BLE001 - the message names the page and the command
+                    raise AssertionError(f"{rel(page)}: {shlex.join(cmd)}: {type(exc).__name__}: {exc}") from exc
+                checked += 1
+    assert checked >= 8, checked
+
+
+def test_a_wrong_dvc_exp_run_set_is_caught(tmp_path):
+    from dvc.utils.hydra import apply_overrides
+
+    from facemarks.params import ParamsError, load_params
+
+    params = tmp_path / "params.yaml"
+    shutil.copy2(ROOT / "params.yaml", params)
+    with pytest.raises(Exception):
+        apply_overrides(params, ["train.learning_rate=0.1"])  # no such key
+    apply_overrides(params, ["train.lr=-1"])
+    with pytest.raises(ParamsError):
+        load_params(params)
