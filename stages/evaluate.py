@@ -1,12 +1,13 @@
-"""Stage evaluate: score models/<loss> for each loss of `train.losses` on data/augmented/test (every decoder, original px) against the mean shape
-and dlib; write metrics/eval.json, metrics/ced.csv, data/eval/predictions.npz and timings/evaluate.json (ms per face,
-untracked); log test_* metrics to each train run. Face detectors on the test images and the astronaut:
-metrics/detect.json (quality), timings/detect.json (ms per image)."""
+"""Stage evaluate: score models/<loss> for each loss of `train.losses` on data/augmented/test (every decoder, original
+px) against the mean shape and dlib, every pair of losses compared on the same faces; write metrics/eval.json,
+metrics/ced.csv, data/eval/predictions.npz and timings/evaluate.json (ms per face, untracked); log test_* metrics to
+each train run. Face detectors on the test images and the astronaut: metrics/detect.json (quality),
+timings/detect.json (ms per image)."""
 from __future__ import annotations
 
 import numpy as np
 
-from facemarks import evaluation
+from facemarks import evaluation, real_photos
 from facemarks.atomic import atomic_dir, atomic_write_json, atomic_write_text, save_npz_stable
 from facemarks.codec import DECODERS
 from facemarks.inference import time_per_face
@@ -19,12 +20,15 @@ from facemarks.runner import run
 from facemarks.runtime import OnnxHeatmaps
 from facemarks.stats import loss_comparison
 from facemarks.store import read_split
+from facemarks.teacher import check_no_overlap, teacher_mask, training_photo_hashes
 from facemarks.timings import split_timings, write_timings
 
 # wall clock, per model row: timings/evaluate.json (untracked) and MLflow, not metrics/eval.json
 EVAL_TIMINGS = ("ms_per_face_b1", "ms_per_face_batched", "ms_per_face",
                 "onnx_ms_per_face_b1", "onnx_ms_per_face_batched")
 from facemarks.train import resolve_device
+
+PHOTO_CACHE = "data/cache/photo_refs"  # dlib's detections and points per photo, by SHA-256 (untracked side cache)
 
 
 def peers_notice(wanted: bool) -> str | None:
@@ -41,6 +45,9 @@ def peers_notice(wanted: bool) -> str | None:
 def main() -> None:
     params = load_params()
     ev, sigma, device, losses = params.evaluate, params.encode.sigma, resolve_device("auto"), params.train.losses
+    # before any work: the real-photo folder exists, holds images, and none of them is a training photo
+    photo_paths = real_photos.photo_files(ev.photos, ev.photos_glob) if ev.photos else []
+    check_no_overlap(photo_paths, training_photo_hashes("data/raw"))
     test, train = read_split("data/augmented/test"), read_split("data/augmented/train")
     report, models = {"losses": list(losses)}, {}
     arrays = {"gt": np.asarray(test.orig_points), "sigma": np.float64(sigma)}
@@ -79,6 +86,11 @@ def main() -> None:
         report["real_photos"] = evaluation.real_photo_rows(models, report, size=int(test.meta["size"]),
                                                            margin=float(meta_aug.get("margin", 0.25)), sigma=sigma)
 
+    report["photos"], photos_csv = photos_block(models, report, ev, size=int(test.meta["size"]),
+                                                margin=float(meta_aug.get("margin", 0.25)), sigma=sigma,
+                                                seed=params.base.seed, notice=notice, arrays=arrays)
+    report["test_reference"] = test_references(test)
+
     # face detection quality per detector (metrics/detect.json), with the model `facemarks predict` uses by default
     chosen = report["winner"] or fallback_loss(losses)
     detection, detect_timing = evaluation.detection_report(
@@ -97,6 +109,7 @@ def main() -> None:
     with atomic_dir("data/eval") as tmp:
         save_npz_stable(tmp / "predictions.npz", {k: np.asarray(v) for k, v in arrays.items()})
     atomic_write_text("metrics/ced.csv", ced_csv(errors, ev.threshold))
+    atomic_write_text("metrics/photos.csv", photos_csv)
     quality, timing = split_timings(report, [f"{name}.{key}" for name in (*losses, "dlib68") for key in EVAL_TIMINGS])
     atomic_write_json("metrics/eval.json", quality)
     write_timings("evaluate", timing)
@@ -107,6 +120,36 @@ def main() -> None:
             r = report[name]
             print(f"evaluate: {name:10s} NME {r['nme_io']:.3f}% (io)  AUC {r['auc']:.3f}  FR {r['fr']:.3f}")
     print(f"evaluate: {report['comparison']['verdict']}; astronaut {report['astronaut']}")
+
+
+def photos_block(models: dict, report: dict, ev, *, size: int, margin: float, sigma: float, seed: int,
+                 notice: str | None, arrays: dict) -> tuple[dict, str]:
+    """The real-photo evaluation (``evaluate.photos``; empty: the bundled portraits) of every loss at its best test
+    decoder: the ``photos`` block of ``metrics/eval.json`` and the per-face CSV (``metrics/photos.csv``); the
+    per-face arrays and the worst faces go into ``arrays`` (``data/eval/predictions.npz``, the plot stage's contact
+    sheet). Needs dlib (the boxes, and the reference where a photo has no markup): else the block says why not."""
+    if notice is not None:
+        print(f"evaluate: no photos block: {notice}")
+        return {"skipped": notice}, "file,face,reference,box_source\n"
+    photos = real_photos.photo_set(ev.photos, ev.photos_glob, cache=PHOTO_CACHE)
+    block, csv_text, photo_arrays = real_photos.evaluate_photos(
+        models, {loss: report[loss]["best_decoder"] for loss in models}, photos, size=size, margin=margin,
+        sigma=sigma, seed=seed)
+    arrays.update(photo_arrays)
+    for loss in models:
+        r = block[loss]
+        print(f"evaluate: photos {loss:6s} median {r['median']:.2f} %  mean {r['mean']:.2f} %  above 10 % "
+              f"{r['share_above_10']:.3f} ({block['n_faces']} faces of {block['n_images']} images, "
+              f"references {block['references']})")
+    return block, csv_text
+
+
+def test_references(test) -> dict[str, int]:
+    """How many test faces carry which reference: ``teacher`` (dlib's points, data.source = photos: their NME is
+    "from dlib's points") and ``ground_truth`` (markup or the synthetic generator's exact points)."""
+    files = test.meta.get("files", [])
+    taught = int(teacher_mask("data/raw", files).sum()) if len(files) == len(test.boxes) else 0
+    return {"teacher": taught, "ground_truth": int(len(test.boxes)) - taught}
 
 
 def register_winner(report: dict) -> None:

@@ -1,6 +1,6 @@
-"""Stage export: models/<loss>/model.pt → exports/<loss>/model.onnx for each loss of `train.losses` (ONNX, dynamic batch, heatmaps
-out), checked against torch on data/augmented/test (metrics/export.json; the stage fails when parity is missed) and
-logged to each train@<loss> MLflow run with the onnx flavour, beside the PyTorch model.
+"""Stage export: models/<loss>/model.pt → exports/<loss>/model.onnx for each loss of `train.losses` (ONNX, dynamic
+batch, heatmaps out), checked against torch on data/augmented/test (metrics/export.json; the stage fails when parity
+is missed) and logged to each train@<loss> MLflow run with the onnx flavour, beside the PyTorch model.
 
 With `export.int8` (default), also exports/<loss>/model.int8.onnx: static int8 calibrated on a seeded sample of
 data/augmented/train crops, its NME checked against the fp32 file on the test split and on the real photos of

@@ -1,6 +1,6 @@
-"""Stage plot: report figures and summary for the losses of `train.losses` into reports/eval/ (keypoints, heatmaps, best/worst,
-per-region NME, astronaut overlay, README.md), logged to MLflow as artifacts of the `evaluate` run that wrote
-metrics/eval.json (into the `plot` run itself when the store has none)."""
+"""Stage plot: report figures and summary for the losses of `train.losses` into reports/eval/ (keypoints, heatmaps,
+best/worst, per-region NME, astronaut overlay, README.md), logged to MLflow as artifacts of the `evaluate` run that
+wrote metrics/eval.json (into the `plot` run itself when the store has none)."""
 from __future__ import annotations
 
 import json
@@ -49,6 +49,12 @@ def main() -> None:
         plots.save_figure(fig, tmp / "best_worst.png", p.dpi)
         plots.save_figure(plots.regions_figure(report), tmp / "regions.png", p.dpi)
         plots.save_figure(astronaut(report, pred), tmp / "astronaut.png", p.dpi)
+        if "photos_crops" in pred:  # the real-photo evaluation's worst faces (evaluate.photos)
+            fig = plots.photos_sheet_figure(pred["photos_crops"], pred["photos_ref"], pred["photos_pred"],
+                                            pred["photos_nme"], pred["photos_label"],
+                                            f"{str(pred['photos_worst_loss']).upper()}: worst real-photo faces "
+                                            "(green: reference, red: predicted)")
+            plots.save_figure(fig, tmp / "photos_worst.png", p.dpi)
         (tmp / "README.md").write_text(plots.summary_markdown(report), encoding="utf-8")
     with start_run("plot", "plot", tags={"winner": report["winner"] or "none"}) as active:
         active_log_artifacts(OUT)

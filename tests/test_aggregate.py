@@ -132,26 +132,85 @@ def load_script(name: str):
     return module
 
 
-def test_study_report_writes_table_csv_and_figure(store, tmp_path, capsys):
+def test_study_report_writes_runs_table_and_figure_from_the_store(store, tmp_path, capsys):
     report = load_script("study_report")
-    assert report.main(["--study", "s1", "--experiment", "facemarks", "--out", str(tmp_path / "study")]) == 0
-    md = (tmp_path / "study/table.md").read_text()
-    assert "| 64 px (16×16 maps), 2+1 epochs | 3 | 5.200 ± 0.200 | 5.700 ± 0.265 |" in md
+    out = tmp_path / "study"
+    assert report.main(["--study", "s1", "--experiment", "facemarks", "--out", str(out)]) == 0
+    md = (out / "s1/table.md").read_text()
+    assert "| 64 px (16×16 maps), 2+1 epochs | mse | 3 | 5.200 ± 0.200 | — |" in md
+    assert "| 64 px (16×16 maps), 2+1 epochs | bce | 3 | 5.700 ± 0.265 | — |" in md
     assert "MSE better by 0.500 NME points" in md and "not distinguishable at this budget" in md
-    assert "| 64 px (16×16 maps), 2+1 epochs | 0 | 5.000 | 5.500 | +0.500 | +0.500 [+0.200, +0.800] |" in md
-    with open(tmp_path / "study/table.csv") as f:
+    assert "14 runs (0 scored on real photos); 1 superseded reruns left out" in md
+    with open(out / "s1/runs.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 5 and {r["study"] for r in rows} == {"s1"}
-    seed1 = next(r for r in rows if r["input_size"] == "64" and r["seed"] == "1")
-    assert float(seed1["nme_mse"]) == 5.2 and float(seed1["face_ci_low"]) == -0.1
+    assert len(rows) == 14 and {r["study"] for r in rows} == {"s1"}  # one row per train run, reruns included
+    seed1 = next(r for r in rows if r["input_size"] == "64" and r["seed"] == "1" and r["loss"] == "mse")
+    assert float(seed1["test_nme"]) == 5.2 and seed1["run_id"] and seed1["evaluate_run"]
     import imageio.v3 as iio
 
-    img = iio.imread(tmp_path / "study/nme_vs_budget.png")
+    img = iio.imread(out / "s1/nme_vs_budget.png")
     assert img.shape[0] > 100 and img[..., :3].std() > 5
     capsys.readouterr()
     assert report.main(["--study", "nothing", "--out", str(tmp_path / "none")]) == 1
-    assert "no evaluated MSE/BCE pairs tagged study=nothing" in capsys.readouterr().err
+    assert "no rows for study nothing" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()
+
+
+def test_study_rows_survive_without_the_store_and_merge_with_it(store, tmp_path):
+    """A study run over several sittings: the committed rows alone rebuild the report; a later call adds the store's
+    new runs, updates the rows of the same run id and keeps their real-photo columns."""
+    report = load_script("study_report")
+    out = tmp_path / "study"
+    assert report.main(["--study", "s1", "--out", str(out)]) == 0
+    path = out / "s1/runs.csv"
+    rows = report.read_rows(path)
+    for r in rows:  # as if another sitting had scored them on real photos
+        r["photos_median"], r["photos_faces"] = 8.0 + (r["loss"] == "bce"), 210
+    kept = [r for r in rows if r["input_size"] == 64]  # the 128 px rows are gone from this copy of the rows
+    path.write_text(report.rows_csv(kept))
+    assert report.main(["--study", "s1", "--out", str(out), "--no-store"]) == 0
+    md = (out / "s1/table.md").read_text()
+    assert "128 px" not in md and "| 64 px (16×16 maps), 2+1 epochs | mse | 3 | 5.200 ± 0.200 | 8.000 ± 0.000 |" in md
+    assert "MSE better by 1.000 NME points" in md  # real photos: BCE − MSE = +1 on every seed
+    assert report.main(["--study", "s1", "--out", str(out)]) == 0  # the store adds the 128 px runs back
+    merged = report.read_rows(path)
+    assert len(merged) == 14 and sum(r["photos_median"] is not None for r in merged) == len(kept)
+
+
+def test_study_report_scores_models_from_the_dvc_cache_on_real_photos(store, tmp_path, monkeypatch):
+    """``--score-photos``: a row whose model.pt md5 is in a DVC cache is scored with the real-photo evaluation and
+    the median goes into the row and into its MLflow run."""
+    pytest.importorskip("dlib")
+    import hashlib
+
+    import mlflow
+    import torch
+
+    from facemarks import real_photos
+    from facemarks.io import write_image
+    from facemarks.model import build_model
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    write_image(photos / "astronaut.jpg", real_photos.load_portrait("astronaut"))
+    torch.manual_seed(0)
+    model = tmp_path / "model.pt"
+    torch.save(build_model(head_width=16).state_dict(), model)  # models/<loss>/model.pt is a plain state dict
+    md5 = hashlib.md5(model.read_bytes()).hexdigest()
+    cache = tmp_path / "cache"
+    (cache / "files/md5" / md5[:2]).mkdir(parents=True)
+    (cache / "files/md5" / md5[:2] / md5[2:]).write_bytes(model.read_bytes())
+    run_id = log_run("mse", 7, 6.0, study="s2", size=32)
+    mlflow.MlflowClient().set_tag(run_id, "facemarks.model_md5", md5)
+    mlflow.MlflowClient().set_tag(run_id, "test_best_decoder", "subpixel")
+    report = load_script("study_report")
+    monkeypatch.setattr(report, "ROOT", tmp_path)  # the dlib reference cache goes to the temp folder
+    assert report.main(["--study", "s2", "--out", str(tmp_path / "study"), "--score-photos", "--photos",
+                        str(photos), "--pattern", "*.jpg", "--dvc-cache", str(cache)]) == 0
+    row = report.read_rows(tmp_path / "study/s2/runs.csv")[0]
+    assert row["photos_faces"] >= 1 and row["photos_median"] > 0 and row["photos_decoder"] == "subpixel"
+    logged = mlflow.MlflowClient().get_run(run_id).data.metrics
+    assert logged["photos_median"] == pytest.approx(row["photos_median"])
 
 
 def test_budget_study_queues_budgets_times_seeds_then_starts_the_queue(capsys):
@@ -199,6 +258,7 @@ def test_three_losses_pair_every_loss_over_seeds(store):
     assert aw["wins"] == {"mse": 0, "awing": 3, "tie": 0}
     assert entry["overall"] == "awing" and entry["winner"] == "mse" and entry["delta"]["mean"] == pytest.approx(0.5)
     text = aggregate.seeds_text([entry])
-    assert "paired AWING − MSE over seeds: -0.400 NME points" in text and "better than every other loss: AWING" in text
+    assert "paired AWING − MSE over seeds: -0.400 NME points" in text
+    assert "better than every other loss: AWING" in text
     awing_row = next(line for line in text.splitlines() if line.strip().startswith("awing "))
     assert awing_row.split()[4:6] == ["3", "3"]  # n seeds, seeds won against both others

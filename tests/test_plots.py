@@ -109,3 +109,23 @@ def test_summary_lists_the_real_portraits_per_loss():
     assert "| model | astronaut | grace_hopper | mean |" in text
     assert "| mse | 7.10 | 9.30 | 8.20 |" in text and "| bce | 8.00 | 9.00 | 8.50 |" in text
     assert "grace_hopper" not in plots.summary_markdown(REPORT)
+
+
+def test_summary_and_regions_follow_the_losses_list(tmp_path):
+    """Three losses: a row and a keypoints figure per loss, one table per pair, the overall verdict on top."""
+    from facemarks.stats import loss_comparison
+
+    rng = np.random.default_rng(0)
+    mse = rng.gamma(4.0, 0.0125, 300)
+    per_face = {"mse": {"dark": mse}, "bce": {"dark": mse + 0.01 + rng.normal(0, 0.002, 300)},
+                "awing": {"dark": mse - 0.01 + rng.normal(0, 0.002, 300)}}
+    report = {**REPORT, "losses": ["mse", "bce", "awing"], "awing": REPORT["mse"], "winner": "awing",
+              "comparison": loss_comparison(per_face, {k: "dark" for k in per_face})}
+    text = plots.summary_markdown(report)
+    assert text.count("on the same test faces") == 3 and "## MSE vs AWING on the same test faces" in text
+    assert "## BCE vs AWING on the same test faces" in text and "| AWING better |" in text
+    assert "**AWING better than every other loss (" in text and "| awing |" in text
+    assert "`keypoints_awing.png`" in text
+    fig = plots.regions_figure(report)
+    assert len(fig.axes[0].patches) == 5 * len(REGIONS)  # mse, bce, awing, dlib68, mean shape
+    read_png(plots.save_figure(fig, tmp_path / "r.png"))

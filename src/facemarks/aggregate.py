@@ -2,7 +2,8 @@
 the MLflow store.
 
 A *pair* is the set of train runs (tag ``dvc.stage`` = ``train@<loss>``, at least two losses: MSE and BCE, or the
-three of ``train.losses = [mse, bce, awing]``) that one ``evaluate`` call scored together: :func:`facemarks.evaluation.log_eval_mlflow` logs ``test_nme`` into each and tags each
+three of ``train.losses = [mse, bce, awing]``) that one ``evaluate`` call scored together:
+:func:`facemarks.evaluation.log_eval_mlflow` logs ``test_nme`` into each and tags each
 ``evaluate_run = <id of the evaluate run>``, whose metrics hold the face-level comparison (``comparison.best.*`` for
 BCE − MSE, ``comparison.pairs.<a>-<b>.best.*`` for every pair).
 Runs from before that tag pair by DVC experiment name (``dvc.exp_name``), seed and budget. A *budget* is
@@ -74,7 +75,8 @@ def _int(value: Any) -> int | None:
         return None
 
 
-def _seed(run: Any) -> int | None:
+def run_seed(run: Any) -> int | None:
+    """A train run's training seed: its ``seed`` tag, else its ``train.seed`` / ``base.seed`` param; None if none."""
     tags, params = run.data.tags, run.data.params
     for value in (tags.get("seed"), params.get("train.seed"), params.get("base.seed")):
         if _int(value) is not None:
@@ -82,7 +84,8 @@ def _seed(run: Any) -> int | None:
     return None
 
 
-def _budget(run: Any) -> tuple[int | None, int | None, int | None]:
+def run_budget(run: Any) -> tuple[int | None, int | None, int | None]:
+    """A train run's budget ``(input size px, epochs phase 1, epochs phase 2)`` from its params (None: not logged)."""
     p = run.data.params
     return _int(p.get("input_size")), _int(p.get("train.epochs_phase1")), _int(p.get("train.epochs_phase2"))
 
@@ -119,13 +122,13 @@ def pair_runs(runs: list, tracking_uri: str | None = None) -> tuple[list[Pair], 
     groups: dict[tuple, dict[str, Any]] = {}
     unpaired = 0
     for run in runs:
-        loss, seed = run.data.tags.get("loss"), _seed(run)
+        loss, seed = run.data.tags.get("loss"), run_seed(run)
         if loss not in LOSSES or seed is None:
             unpaired += 1
             continue
         tags = run.data.tags
         key = (("eval", tags["evaluate_run"]) if tags.get("evaluate_run")
-               else ("exp", tags.get("dvc.exp_name", ""), seed, _budget(run)) if tags.get("dvc.exp_name") else None)
+               else ("exp", tags.get("dvc.exp_name", ""), seed, run_budget(run)) if tags.get("dvc.exp_name") else None)
         if key is None:
             unpaired += 1
             continue
@@ -140,7 +143,7 @@ def pair_runs(runs: list, tracking_uri: str | None = None) -> tuple[list[Pair], 
             continue
         names = [name for name in LOSSES if name in slot]
         first = slot[names[0]]
-        pair = Pair(budget=_budget(first), seed=_seed(first),
+        pair = Pair(budget=run_budget(first), seed=run_seed(first),
                     nme={name: float(slot[name].data.metrics["test_nme"]) for name in names},
                     run_ids={name: slot[name].info.run_id for name in names},
                     start_ms=max(slot[name].info.start_time for name in names),

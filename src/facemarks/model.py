@@ -259,7 +259,8 @@ def awing_per_pixel(predicted: torch.Tensor, targets: torch.Tensor, omega: float
                     alpha: float = AWING_ALPHA) -> torch.Tensor:
     """Adaptive Wing loss per pixel (Wang, Bo and Fuxin, ICCV 2019, eq. 7), unweighted.
 
-    ``predicted`` yhat and ``targets`` y are (N, K, h, w) in target units; with ``d = |y - yhat|`` and ``p = alpha - y``:
+    ``predicted`` yhat and ``targets`` y are (N, K, h, w) in target units; with ``d = |y - yhat|`` and
+    ``p = alpha - y``:
 
         ``omega * ln(1 + (d / epsilon) ** p)``   if ``d < theta``
         ``A * d - C``                             otherwise,
@@ -276,7 +277,8 @@ def awing_per_pixel(predicted: torch.Tensor, targets: torch.Tensor, omega: float
     return torch.where(diff < theta, small, a * diff - c)
 
 
-def awing_weight_map(targets: torch.Tensor, w: float = AWING_W, threshold: float = AWING_MASK_THRESHOLD) -> torch.Tensor:
+def awing_weight_map(targets: torch.Tensor, w: float = AWING_W,
+                     threshold: float = AWING_MASK_THRESHOLD) -> torch.Tensor:
     """The paper's loss weight ``W * M + 1`` (N, K, h, w): ``M`` the 3x3 grey dilation of ``targets > threshold`` on
     each map (a 3x3 max filter of the binary mask, the map's border not extended)."""
     mask = (targets > threshold).to(targets.dtype)

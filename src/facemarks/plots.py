@@ -188,8 +188,8 @@ def comparison_markdown(comparison: dict[str, Any]) -> list[str]:
         pairs = {"bce-mse": {"a": "bce", "b": "mse", **comparison}}
     verdict = comparison["verdict"]
     lines = [f"**{verdict[0].upper()}{verdict[1:]}.**", "",
-             f"Per test face ΔNME = NME(A) − NME(B) in NME points (%) for each pair of losses: its mean, a percentile "
-             f"bootstrap {100 * comparison['level']:.0f} % interval ({comparison['n_boot']} resamples of the faces, "
+             "Per test face ΔNME = NME(A) − NME(B) in NME points (%) for each pair of losses: its mean, a "
+             f"percentile bootstrap {100 * comparison['level']:.0f} % interval ({comparison['n_boot']} resamples of the faces, "
              f"seed {comparison['seed']}) and the Wilcoxon signed-rank p-value. A loss is named the winner only when "
              "it is better than every other loss with each interval excluding 0 (`winner` in `metrics/eval.json`, "
              "else null). One training seed: the seed-to-seed spread is not in this interval (`facemarks compare`, "

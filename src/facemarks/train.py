@@ -3,8 +3,8 @@
 Note:
     N: samples, K: keypoints (68), S: input side, h = S / 4: heatmap side.
 
-:func:`fit` trains one model for one loss (``mse`` or ``bce``) on a :class:`TrainData` and returns a
-:class:`FitResult`; :func:`write_outputs` and :func:`log_mlflow` turn that into files and an MLflow run.
+:func:`fit` trains one model for one loss (``mse``, ``bce`` or ``awing``: :data:`facemarks.model.LOSSES`) on a
+:class:`TrainData` and returns a :class:`FitResult`; :func:`write_outputs` and :func:`log_mlflow` turn that into files and an MLflow run.
 Run under ``torchrun`` (``torch.distributed`` initialised, see :func:`init_distributed`) the same call
 trains with DistributedDataParallel; only rank 0 writes checkpoints and progress.
 
@@ -429,7 +429,7 @@ def fit(
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     run_id: str | None = None,
 ) -> FitResult:
-    """Train one model with ``loss`` (``mse`` | ``bce``), resuming from ``checkpoint_dir`` when it matches.
+    """Train one model with ``loss`` (``mse`` | ``bce`` | ``awing``), resuming from ``checkpoint_dir`` when it matches.
 
     Args:
         cfg: hyperparameters; ``cfg.epochs`` epochs in total, lr drops by ``lr_drop`` after ``epochs_phase1``.
