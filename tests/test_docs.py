@@ -177,11 +177,19 @@ def test_summary_follows_the_evaluation_file_and_check_catches_a_stale_readme(tm
         report["losses"] = [*losses, "awing"]
     report["awing"]["nme_io"] = 5.4321
     report["winner"] = "awing"
-    report["photos"] = {"folder": "../shared/real-photos", "n_images": 100, "n_faces": 117,
-                        "references": {"dlib": 117},
-                        **{loss: {"median": 7.0 + i / 10, "n_faces": 117} for i, loss in
-                           enumerate(report["losses"])},
-                        "comparison": {"bce_vs_mse": {"verdict": "not distinguishable"}}}
+    # the photos block as evaluate writes it (facemarks.real_photos.photos_report): 6 faces in 5 photos, one of them
+    # human-marked; per-face NME chosen so that each loss has a known median
+    import numpy as np
+
+    from facemarks.real_photos import PhotoFace, PhotoSet, photos_report
+
+    faces = [PhotoFace(f"p{i}.jpg", 0, f"{i:064x}", "human" if i == 0 else "dlib", (10.0, 10.0, 80.0, 80.0), "dlib",
+                       (12.0, 12.0, 78.0, 78.0), np.zeros((68, 2))) for i in range(5)]
+    faces.append(PhotoFace("p4.jpg", 1, f"{4:064x}", "dlib", (100.0, 10.0, 80.0, 80.0), "dlib", None, np.zeros((68, 2))))
+    per_face = np.array([6.0, 6.5, 7.0, 7.0, 8.0, 9.0])
+    nme = {loss: per_face + i for i, loss in enumerate(report["losses"])}
+    report["photos"] = photos_report(PhotoSet("../shared/real-photos", faces, {}, 5, []), nme,
+                                     {loss: "dark" for loss in report["losses"]})
     (repo / summary.EVAL_PATH).write_text(json.dumps(report))
 
     assert cli.main(["summary", "--root", str(repo), "--check"]) == 1
@@ -192,8 +200,14 @@ def test_summary_follows_the_evaluation_file_and_check_catches_a_stale_readme(tm
     block = summary.embedded(readme)
     assert (repo / summary.SUMMARY_PATH).read_text().endswith(block)
     assert "| **ResNet18 heatmaps, Adaptive Wing (" in block and "| 5.43 (" in block
-    assert "real photos: median NME % (117 faces)" in block and "`../shared/real-photos`, 117 faces in 100 images" in block
-    assert "| 7.00 |" in block and "reference" in block and "On these photos: not distinguishable." in block
+    assert "real photos: median NME % (6 faces)" in block
+    assert "`../shared/real-photos`, 6 faces in 5 images (reference: human markup 1, dlib's 68 points 5)" in block
+    rows = {line.split(" | ")[0]: line for line in block.splitlines() if line.startswith("| ")}
+    for i, loss in enumerate(report["losses"]):
+        row = next(v for k, v in rows.items() if summary.LOSS_LABELS[loss] in k)
+        assert row.endswith(f"| {7.0 + i:.2f} |"), row  # the median of that loss's per-face NME
+    assert next(v for k, v in rows.items() if "dlib" in k).endswith("| reference (dlib-marked faces) |")
+    assert block.count("On these photos: ") == len(report["photos"]["comparison"]) >= 1
     # everything outside the markers is untouched
     original = (ROOT / "README.md").read_text()
     assert readme.split(summary.BEGIN)[0] == original.split(summary.BEGIN)[0]
