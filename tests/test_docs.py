@@ -207,7 +207,7 @@ def test_summary_follows_the_evaluation_file_and_check_catches_a_stale_readme(tm
         row = next(v for k, v in rows.items() if summary.LOSS_LABELS[loss] in k)
         assert row.endswith(f"| {7.0 + i:.2f} |"), row  # the median of that loss's per-face NME
     assert next(v for k, v in rows.items() if "dlib" in k).endswith("| reference (dlib-marked faces) |")
-    assert block.count("On these photos: ") == len(report["photos"]["comparison"]) >= 1
+    assert block.count("On these photos (paired per face, mean NME): ") == len(report["photos"]["comparison"]) >= 1
     # everything outside the markers is untouched
     original = (ROOT / "README.md").read_text()
     assert readme.split(summary.BEGIN)[0] == original.split(summary.BEGIN)[0]

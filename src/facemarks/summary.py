@@ -63,7 +63,7 @@ def _photo_column(report: dict[str, Any]) -> tuple[str | None, dict[str, str], l
                  f"each loss at its best decoder."]
         for pair in (photos.get("comparison") or {}).values():
             if isinstance(pair, dict) and pair.get("verdict"):
-                notes.append(f"On these photos: {pair['verdict']}.")
+                notes.append(f"On these photos (paired per face, mean NME): {pair['verdict']}.")
         return f"real photos: median NME % ({photos['n_faces']} faces)", cells, notes
     portraits = report.get("real_photos")
     if isinstance(portraits, dict) and portraits:
