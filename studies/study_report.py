@@ -1,15 +1,27 @@
-"""Rebuild the budget study's table and figure from the MLflow store: reports/study/{table.md, table.csv,
-nme_vs_budget.png}.
+"""Rebuild a study's report from its committed run rows plus whatever the MLflow store adds:
+reports/study/<study>/{runs.csv, table.md, nme_vs_budget.png}.
 
     python studies/study_report.py --study NAME [--experiment NAME] [--out reports/study]
+                                   [--score-photos [--photos ../shared/real-photos --pattern '*.jpg']
+                                    [--dvc-cache DIR ...]]
 
-Reads the train runs tagged ``study=NAME`` (the store of facemarks.tracking.tracking_uri: ``MLFLOW_TRACKING_URI``,
-else ``mlflow.db`` at the repository root), pairs MSE and BCE per evaluate run and groups the pairs by budget
-(input size, epochs) and training seed (facemarks.aggregate). Per budget and loss: test NME mean ± sd over seeds and
-each seed's value. The paired interval per budget is the seed-level one: the per-seed differences BCE − MSE of test
-NME, Student t over seeds (a verdict only when it excludes 0). Each seed's face-level interval (the bootstrap
-over test faces that its evaluate run logged, comparison.best.*) is listed beside it; per-face values are not
-pooled across seeds, because faces of one seed are not independent of that seed's training.
+A study is run over several sittings and machines: every train run it made is one row of ``runs.csv`` (one model:
+study, budget, seed, loss, synthetic test NME, real-photo NME, the MLflow run and the md5 of ``model.pt``), which is
+committed. Each call reads the committed rows, adds the train runs tagged ``study=NAME`` in the store
+(``facemarks.tracking.tracking_uri``: ``MLFLOW_TRACKING_URI``, else ``mlflow.db`` at the repository root) that it
+does not hold yet (a row of the same run id is updated, its real-photo columns kept), and rewrites the three files.
+Per (budget, seed, loss) the latest run counts; older reruns are listed as superseded.
+
+``--score-photos`` scores every row that has no real-photo NME yet and whose model file is in a DVC cache
+(``<cache>/files/md5/<md5[:2]>/<md5[2:]>``, md5 from the train run's ``facemarks.model_md5`` tag; default cache:
+this repository's ``.dvc/cache``): the real-photo evaluation of :mod:`facemarks.real_photos` on ``--photos``
+(human markup where present, else dlib's points in dlib's box), at the decoder the run's evaluate found best on the
+synthetic test faces, crop margin 0.25 (``augment.margin``, which no study changes). Its median is also logged into
+the train run as ``photos_median``.
+
+Per budget the table gives, per loss, the mean ± sd over seeds of the synthetic test NME and of the real-photo
+median, and for every pair of losses the paired difference over seeds with a Student t 95 % interval
+(:func:`facemarks.aggregate.summarise`): a loss is named only when that interval excludes 0.
 """
 from __future__ import annotations
 
@@ -20,125 +32,260 @@ import math
 import sys
 from pathlib import Path
 
-from facemarks import aggregate
-from facemarks.atomic import atomic_write_text
-
-CSV_COLUMNS = ("study", "budget", "input_size", "epochs_phase1", "epochs_phase2", "seed", "nme_mse", "nme_bce", "delta",
-               "face_mean_delta", "face_ci_low", "face_ci_high", "face_p_wilcoxon", "face_n", "exp_name", "run_mse",
-               "run_bce", "evaluate_run")
-
-
-def budget_names(summary: list[dict], study: str) -> dict[tuple, str]:
-    """Budget -> the name ``studies/budget_study.py`` put in the experiment names (``<study>-<budget>-s<seed>``),
-    when every pair of that budget agrees on one."""
-    out = {}
-    for entry in summary:
-        names = set()
-        for p in entry["pairs"]:
-            prefix, suffix = f"{study}-", f"-s{p.seed}"
-            ok = p.exp_name.startswith(prefix) and p.exp_name.endswith(suffix)
-            names.add(p.exp_name[len(prefix):-len(suffix)] if ok else None)
-        if len(names) == 1 and None not in names:
-            out[entry["budget"]] = names.pop()
-    return out
+ROOT = Path(__file__).resolve().parents[1]
+COLUMNS = ("study", "budget", "input_size", "epochs_phase1", "epochs_phase2", "seed", "loss", "test_nme",
+           "photos_median", "photos_mean", "photos_above_10", "photos_faces", "photos_decoder", "exp_name", "run_id",
+           "evaluate_run", "model_md5", "sigma", "start_ms")
+PHOTO_VALUE = "photos_median"
 
 
-def _label(entry: dict, names: dict) -> str:
-    name = names.get(entry["budget"])
-    return f"{name}: {entry['label']}" if name else entry["label"]
+# --------------------------------------------------------------------------------------------------- the rows
+def store_rows(study: str, experiment: str | None = None, tracking_uri: str | None = None) -> list[dict]:
+    """One row per evaluated train run tagged ``study`` in the store (real-photo columns from its metrics if any)."""
+    from facemarks import aggregate
+
+    rows = []
+    for run in aggregate.search_train_runs(experiment, study, tracking_uri):
+        tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+        size, e1, e2 = aggregate.run_budget(run)
+        rows.append({
+            "study": study, "budget": budget_name(tags.get("dvc.exp_name", ""), study, aggregate.run_seed(run)),
+            "input_size": size, "epochs_phase1": e1, "epochs_phase2": e2, "seed": aggregate.run_seed(run),
+            "loss": tags.get("loss", ""), "test_nme": metrics.get("test_nme"),
+            **{k: metrics.get(k) for k in ("photos_median", "photos_mean", "photos_above_10", "photos_faces")},
+            "photos_decoder": tags.get("photos_decoder", ""), "exp_name": tags.get("dvc.exp_name", ""),
+            "run_id": run.info.run_id, "evaluate_run": tags.get("evaluate_run", ""),
+            "model_md5": tags.get("facemarks.model_md5", ""), "sigma": params.get("encode.sigma"),
+            "start_ms": run.info.start_time,
+            "_decoder": tags.get("test_best_decoder", "")})
+    return rows
 
 
-def _pm(mean: float, sd: float) -> str:
-    return f"{mean:.3f} ± {sd:.3f}" if math.isfinite(sd) else f"{mean:.3f}"
+def budget_name(exp_name: str, study: str, seed: int | None) -> str:
+    """``<budget>`` of an experiment named ``<study>-<budget>-s<seed>`` (``studies/budget_study.py``), else ''."""
+    prefix, suffix = f"{study}-", f"-s{seed}"
+    if exp_name.startswith(prefix) and exp_name.endswith(suffix):
+        return exp_name[len(prefix):-len(suffix)]
+    return ""
 
 
-def table_markdown(summary: list[dict], study: str, names: dict, counts: dict) -> str:
-    lines = [f"# Budget study `{study}`: MSE vs BCE test NME over training seeds", "",
-             "Test NME in % (inter-ocular) on the synthetic test faces; one MSE and one BCE model per budget and "
-             "training seed (`train.seed`), the data the same for every seed (`base.seed`). Δ = BCE − MSE "
-             "(negative: BCE better). Per budget the interval is over seeds (Student t on the per-seed Δ, 95 %); a "
-             "loss is named only when it excludes 0. Rebuilt by `python studies/study_report.py --study "
-             f"{study}` from the MLflow store.", "",
-             "| budget | seeds | MSE NME % (mean ± sd) | BCE NME % (mean ± sd) | seeds won MSE / BCE | "
-             "Δ over seeds [95 % CI] | verdict |",
-             "|---|---|---|---|---|---|---|"]
-    for e in summary:
-        d = e["delta"]
-        ci = f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]" if math.isfinite(d["ci_low"]) else "(one seed)"
-        lines.append(f"| {_label(e, names)} | {len(e['seeds'])} | {_pm(e['mse']['mean'], e['mse']['sd'])} | "
-                     f"{_pm(e['bce']['mean'], e['bce']['sd'])} | {e['wins']['mse']} / {e['wins']['bce']} | "
-                     f"{d['mean']:+.3f} {ci} | {e['verdict']} |")
-    best = min(((e[loss]["mean"], loss, _label(e, names)) for e in summary for loss in ("mse", "bce")))
-    lines += ["", f"Best mean test NME: {best[0]:.3f} % ({best[1].upper()}, {best[2]}).", "",
-              "## Each seed", "",
-              "Face-level Δ: the bootstrap interval over the test faces that this seed's `evaluate` logged "
-              "(`comparison.best`, each loss at its best decoder; — when the run predates it).", "",
-              "| budget | seed | MSE NME % | BCE NME % | Δ BCE − MSE | face-level Δ [95 % CI] | Wilcoxon p | "
-              "DVC experiment |",
-              "|---|---|---|---|---|---|---|---|"]
-    for e in summary:
-        for p in e["pairs"]:
-            f = p.face
-            face = (f"{f['mean_delta']:+.3f} [{f['ci_low']:+.3f}, {f['ci_high']:+.3f}]"
-                    if {"mean_delta", "ci_low", "ci_high"} <= set(f) else "—")
-            pw = f"{f['p_wilcoxon']:.2g}" if "p_wilcoxon" in f else "—"
-            lines.append(f"| {_label(e, names)} | {p.seed} | {p.nme['mse']:.3f} | {p.nme['bce']:.3f} | "
-                         f"{p.delta:+.3f} | {face} | {pw} | {p.exp_name or '—'} |")
-    lines += ["", f"{counts['pairs']} pairs from {counts['runs']} evaluated train runs; {counts['unpaired']} unpaired "
-              f"runs and {counts['superseded']} superseded pairs (older reruns of a budget and seed) left out.", ""]
-    return "\n".join(lines)
+def read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with path.open(encoding="utf-8", newline="") as f:
+        return [{k: _value(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def table_csv(summary: list[dict], names: dict) -> str:
+def _value(key: str, text: str):
+    if text == "":
+        return None if key not in ("study", "budget", "loss", "exp_name", "run_id", "evaluate_run", "model_md5",
+                                   "photos_decoder") else ""
+    if key in ("input_size", "epochs_phase1", "epochs_phase2", "seed", "photos_faces", "start_ms"):
+        return int(float(text))
+    if key in ("test_nme", "photos_median", "photos_mean", "photos_above_10", "sigma"):
+        return float(text)
+    return text
+
+
+def rows_csv(rows: list[dict]) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
-    for e in summary:
-        for p in e["pairs"]:
-            size, e1, e2 = p.budget
-            writer.writerow({"study": p.study, "budget": names.get(e["budget"], e["label"]), "input_size": size,
-                             "epochs_phase1": e1, "epochs_phase2": e2, "seed": p.seed, "nme_mse": p.nme["mse"],
-                             "nme_bce": p.nme["bce"], "delta": p.delta,
-                             **{f"face_{k}": p.face.get(k, "") for k in aggregate.FACE_KEYS},
-                             "exp_name": p.exp_name, "run_mse": p.run_ids["mse"], "run_bce": p.run_ids["bce"],
-                             "evaluate_run": p.evaluate_run})
+    for row in sorted(rows, key=_order):
+        writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in COLUMNS})
     return buf.getvalue()
 
 
-def figure(summary: list[dict], names: dict, study: str):
-    """Left: test NME per budget and loss (each seed a dot, mean ± sd a bar). Right: Δ = BCE − MSE per budget, each
-    seed's face-level interval (thin) and the interval over seeds (thick)."""
+def _order(row: dict) -> tuple:
+    return (row.get("input_size") or 0, row.get("epochs_phase1") or 0, row.get("epochs_phase2") or 0,
+            row.get("seed") if row.get("seed") is not None else -1, row.get("loss") or "", row.get("start_ms") or 0)
+
+
+def merge(committed: list[dict], fresh: list[dict]) -> list[dict]:
+    """Committed rows updated by the store's rows of the same ``run_id`` (their real-photo columns kept when the store
+    has none), plus the store's new runs."""
+    by_id = {r["run_id"]: dict(r) for r in committed if r.get("run_id")}
+    rows = [dict(r) for r in committed if not r.get("run_id")]
+    for r in fresh:
+        old = by_id.get(r["run_id"], {})
+        keep = {k: old[k] for k in ("photos_median", "photos_mean", "photos_above_10", "photos_faces",
+                                    "photos_decoder") if old.get(k) not in (None, "") and r.get(k) in (None, "")}
+        by_id[r["run_id"]] = {**old, **{k: v for k, v in r.items() if v not in (None, "") or k not in old}, **keep}
+    return rows + list(by_id.values())
+
+
+def current(rows: list[dict]) -> tuple[list[dict], int]:
+    """The latest row per (budget, seed, loss) and the number of older ones left out (superseded reruns)."""
+    latest: dict[tuple, dict] = {}
+    for r in rows:
+        if r.get("test_nme") is None or r.get("seed") is None:
+            continue
+        key = (r["input_size"], r["epochs_phase1"], r["epochs_phase2"], r["seed"], r["loss"])
+        if key not in latest or (r.get("start_ms") or 0) > (latest[key].get("start_ms") or 0):
+            latest[key] = r
+    return list(latest.values()), sum(1 for r in rows if r.get("test_nme") is not None) - len(latest)
+
+
+def pairs(rows: list[dict], value: str = "test_nme") -> list:
+    """Rows grouped by (budget, seed) as :class:`facemarks.aggregate.Pair` with ``nme`` = ``value`` per loss."""
+    from facemarks.aggregate import Pair
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r.get(value) is not None:
+            groups.setdefault(((r["input_size"], r["epochs_phase1"], r["epochs_phase2"]), r["seed"]), []).append(r)
+    return [Pair(budget=budget, seed=seed, nme={r["loss"]: float(r[value]) for r in group},
+                 run_ids={r["loss"]: r.get("run_id") or "" for r in group},
+                 start_ms=max(r.get("start_ms") or 0 for r in group),
+                 exp_name=",".join(sorted({r.get("exp_name") or "" for r in group} - {""})),
+                 study=group[0].get("study", ""))
+            for (budget, seed), group in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1]))]
+
+
+# ------------------------------------------------------------------------------------------- real-photo scoring
+def model_file(md5: str, caches: list[Path]) -> Path | None:
+    for cache in caches:
+        path = Path(cache) / "files" / "md5" / md5[:2] / md5[2:]
+        if md5 and path.is_file():
+            return path
+    return None
+
+
+def score_photos(rows: list[dict], caches: list[Path], folder: str, pattern: str,
+                 tracking_uri: str | None = None) -> int:
+    """Fill the real-photo columns of every row without them whose model is in ``caches``; returns how many."""
+    from facemarks.model import load_model
+    from facemarks.real_photos import face_nme, loss_summary, photo_set, predict_faces
+
+    todo = [r for r in rows if r.get(PHOTO_VALUE) is None and model_file(r.get("model_md5") or "", caches)]
+    if not todo:
+        return 0
+    photos = photo_set(folder, pattern, cache=ROOT / "data" / "cache" / "photo_refs")
+    for r in todo:
+        decoder = r.get("_decoder") or r.get("photos_decoder") or "dark"
+        model = load_model(model_file(r["model_md5"], caches))
+        pts = predict_faces(model, r["loss"], photos, size=int(r["input_size"]), margin=0.25,
+                            sigma=float(r.get("sigma") or 1.5), decoder=decoder)
+        s = loss_summary(face_nme(pts, photos.faces), photos.faces)
+        r.update(photos_median=s["median"], photos_mean=s["mean"], photos_above_10=s["share_above_10"],
+                 photos_faces=s["n_faces"], photos_decoder=decoder)
+        print(f"study_report: {r.get('exp_name') or r['run_id']} {r['loss']}: real-photo median {s['median']:.2f} % "
+              f"({s['n_faces']} faces, {decoder})", flush=True)
+        if r.get("run_id"):
+            _log_photos(r, tracking_uri)
+    return len(todo)
+
+
+def _log_photos(row: dict, tracking_uri: str | None) -> None:
+    import mlflow
+
+    from facemarks.tracking import tracking_uri as default_uri
+
+    client = mlflow.MlflowClient(tracking_uri or default_uri())
+    try:
+        for key in ("photos_median", "photos_mean", "photos_above_10", "photos_faces"):
+            client.log_metric(row["run_id"], key, float(row[key]))
+        client.set_tag(row["run_id"], "photos_decoder", row["photos_decoder"])
+    except mlflow.exceptions.MlflowException:  # the run lives in another store (another sitting): the row has it
+        pass
+
+
+# -------------------------------------------------------------------------------------------------- the report
+def _pm(entry: dict | None) -> str:
+    if not entry:
+        return "—"
+    sd = entry["sd"]
+    return f"{entry['mean']:.3f} ± {sd:.3f}" if math.isfinite(sd) else f"{entry['mean']:.3f}"
+
+
+def _label(budget: tuple, names: dict) -> str:
+    from facemarks.aggregate import budget_label
+
+    return f"{names[budget]}: {budget_label(budget)}" if names.get(budget) else budget_label(budget)
+
+
+def _comparisons(entry: dict | None) -> dict:
+    return {} if entry is None else entry.get("comparisons", {})
+
+
+def table_markdown(study: str, rows: list[dict], superseded: int) -> str:
+    from facemarks import aggregate
+
+    test = {e["budget"]: e for e in aggregate.summarise(pairs(rows, "test_nme"))}
+    photo = {e["budget"]: e for e in aggregate.summarise(pairs(rows, PHOTO_VALUE))} if any(
+        r.get(PHOTO_VALUE) is not None for r in rows) else {}
+    names = {}
+    for r in rows:
+        names.setdefault((r["input_size"], r["epochs_phase1"], r["epochs_phase2"]), r.get("budget") or "")
+    losses = [loss for loss in aggregate.LOSSES if any(r["loss"] == loss for r in rows)]
+    lines = [f"# Study `{study}`: the losses over training seeds, on synthetic test faces and on real photos", "",
+             "Synthetic: test NME in % (inter-ocular) on the synthetic test faces. Real photos: the median NME % over "
+             "the faces of the real-photo set (`studies/study_report.py --score-photos`: human markup where "
+             "present, else dlib's 68 points in dlib's box; each model at the decoder its evaluate found best). "
+             "Per budget and loss: mean ± sd over training seeds (`train.seed`; the data are the same for every "
+             "seed). Δ a − b per seed, Student t 95 % interval over seeds; a loss is named only when it excludes 0. "
+             f"Rebuilt by `python studies/study_report.py --study {study}` from the committed `runs.csv` plus the "
+             "MLflow store.", "",
+             "| budget | loss | seeds | synthetic NME % | real-photo median NME % |", "|---|---|---|---|---|"]
+    for budget, e in test.items():
+        for loss in losses:
+            if loss in e:
+                p = photo.get(budget, {}).get(loss)
+                real = _pm(p) + (f" (n = {p['n']})" if p and p["n"] != e[loss]["n"] else "")
+                lines.append(f"| {_label(budget, names)} | {loss} | {e[loss]['n']} | {_pm(e[loss])} | {real} |")
+    lines += ["", "## Paired differences over seeds", "",
+              "| budget | pair | synthetic Δ [95 % CI] | verdict (synthetic) | real-photo Δ [95 % CI] | "
+              "verdict (real photos) |", "|---|---|---|---|---|---|"]
+    for budget, e in test.items():
+        for key, c in _comparisons(e).items():
+            pc = _comparisons(photo.get(budget)).get(key)
+            lines.append(f"| {_label(budget, names)} | {c['a']} − {c['b']} | {_delta(c)} | {c['verdict']} | "
+                         f"{_delta(pc)} | {pc['verdict'] if pc else '—'} |")
+    n_photo = sum(1 for r in rows if r.get(PHOTO_VALUE) is not None)
+    lines += ["", f"{len(rows)} runs ({n_photo} scored on real photos); {superseded} superseded reruns left out. "
+              "Each run: `runs.csv`.", ""]
+    return "\n".join(lines)
+
+
+def _delta(c: dict | None) -> str:
+    if not c:
+        return "—"
+    d = c["delta"]
+    ci = f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]" if math.isfinite(d["ci_low"]) else "(one seed)"
+    return f"{d['mean']:+.3f} {ci}"
+
+
+def figure(study: str, rows: list[dict]):
+    """Per budget and loss, each seed a dot and the mean ± sd a bar: synthetic test NME (left), real-photo median
+    (right)."""
+    import numpy as np
+
+    from facemarks import aggregate
     from facemarks.plots import plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    x = list(range(len(summary)))
-    for offset, loss, colour in ((-0.12, "mse", "C0"), (0.12, "bce", "C3")):
-        for i, e in enumerate(summary):
-            ax1.scatter([i + offset] * len(e[loss]["values"]), e[loss]["values"], color=colour, s=14, alpha=0.6)
-            sd = e[loss]["sd"] if math.isfinite(e[loss]["sd"]) else 0.0
-            ax1.errorbar(i + offset, e[loss]["mean"], yerr=sd, fmt="o", color=colour, capsize=4, ms=7,
-                         label=loss.upper() if i == 0 else None)
-    ax1.set(ylabel="test NME % (inter-ocular)", title="Test NME per budget (dots: seeds; bar: mean ± sd)")
-    for i, e in enumerate(summary):
-        pairs = e["pairs"]
-        for j, p in enumerate(pairs):
-            xs = i + 0.12 + 0.24 * j / max(len(pairs) - 1, 1)  # seeds to the right of the over-seeds bar
-            if {"ci_low", "ci_high"} <= set(p.face):
-                ax2.plot([xs, xs], [p.face["ci_low"], p.face["ci_high"]], color="0.6", lw=1)
-            ax2.scatter([xs], [p.delta], color="0.3", s=12, zorder=3)
-        d = e["delta"]
-        if math.isfinite(d["ci_low"]):
-            ax2.plot([i, i], [d["ci_low"], d["ci_high"]], color="k", lw=3, solid_capstyle="butt")
-        ax2.scatter([i], [d["mean"]], color="k", s=40, zorder=4)
-    ax2.axhline(0.0, color="C2", lw=1, ls="--")
-    ax2.set(ylabel="Δ NME = BCE − MSE (NME points)",
-            title="Paired Δ: over seeds (thick, 95 % t) and per seed over faces (thin)")
-    labels = [_label(e, names).replace(": ", "\n").replace(", ", "\n") for e in summary]
-    for ax in (ax1, ax2):
-        ax.set_xticks(x, labels, fontsize=8)
-        ax.set_xlim(-0.6, len(summary) - 0.4)
-    ax1.legend(fontsize=8)
-    fig.suptitle(f"Budget study {study}: MSE vs BCE over training seeds")
+    budgets = sorted({(r["input_size"], r["epochs_phase1"], r["epochs_phase2"]) for r in rows})
+    losses = [loss for loss in aggregate.LOSSES if any(r["loss"] == loss for r in rows)]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, value, title in ((axes[0], "test_nme", "synthetic test NME %"),
+                             (axes[1], PHOTO_VALUE, "real-photo median NME %")):
+        for j, loss in enumerate(losses):
+            off = (j - (len(losses) - 1) / 2) * 0.2
+            for i, b in enumerate(budgets):
+                vals = [r[value] for r in rows if r["loss"] == loss and r.get(value) is not None
+                        and (r["input_size"], r["epochs_phase1"], r["epochs_phase2"]) == b]
+                if not vals:
+                    continue
+                ax.scatter([i + off] * len(vals), vals, color=f"C{j}", s=14, alpha=0.6)
+                ax.errorbar(i + off, np.mean(vals), yerr=np.std(vals, ddof=1) if len(vals) > 1 else 0, fmt="o",
+                            color=f"C{j}", capsize=4, ms=7, label=loss.upper() if i == 0 else None)
+        ax.set_xticks(range(len(budgets)), [f"{b[0]} px\n{b[1]}+{b[2]} epochs" for b in budgets], fontsize=8)
+        ax.set_xlim(-0.6, len(budgets) - 0.4)
+        ax.set(title=title, ylabel="NME % (inter-ocular)")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "not scored yet", ha="center", transform=ax.transAxes, color="0.5")
+    fig.suptitle(f"Study {study}: each training seed a dot, mean ± sd a bar")
     fig.tight_layout()
     return fig
 
@@ -147,25 +294,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study", required=True, help="the study name (base.study, MLflow tag study)")
     parser.add_argument("--experiment", help="MLflow experiment (default: every experiment)")
-    parser.add_argument("--out", default="reports/study", help="output folder (default: reports/study)")
+    parser.add_argument("--out", default=str(ROOT / "reports" / "study"), help="parent folder of <study>/")
+    parser.add_argument("--no-store", action="store_true", help="only the committed rows (no MLflow store)")
+    parser.add_argument("--score-photos", action="store_true", help="score unscored models on real photos")
+    parser.add_argument("--photos", default=str(ROOT.parent / "shared" / "real-photos"))
+    parser.add_argument("--pattern", default="*.jpg")
+    parser.add_argument("--dvc-cache", nargs="*", default=[str(ROOT / ".dvc" / "cache")])
     args = parser.parse_args(argv)
 
-    runs = aggregate.search_train_runs(args.experiment, args.study)
-    pairs, counts = aggregate.pair_runs(runs)
-    if not pairs:
-        print(f"study_report: no evaluated MSE/BCE pairs tagged study={args.study} ({counts['runs']} train runs)",
-              file=sys.stderr)
-        return 1
-    summary = aggregate.summarise(pairs)
-    names = budget_names(summary, args.study)
-    out = Path(args.out)
-    atomic_write_text(out / "table.md", table_markdown(summary, args.study, names, counts))
-    atomic_write_text(out / "table.csv", table_csv(summary, names))
+    from facemarks.atomic import atomic_write_text
     from facemarks.plots import save_figure
 
-    save_figure(figure(summary, names, args.study), out / "nme_vs_budget.png", dpi=110)
-    print(aggregate.seeds_text(summary, counts))
-    print(f"study_report: wrote {out / 'table.md'}, {out / 'table.csv'}, {out / 'nme_vs_budget.png'}")
+    out = Path(args.out) / args.study
+    rows = merge(read_rows(out / "runs.csv"), [] if args.no_store else store_rows(args.study, args.experiment))
+    if args.score_photos:
+        score_photos(rows, [Path(c) for c in args.dvc_cache], args.photos, args.pattern)
+    if not rows:
+        print(f"study_report: no rows for study {args.study} (no {out / 'runs.csv'}, no runs in the store)",
+              file=sys.stderr)
+        return 1
+    atomic_write_text(out / "runs.csv", rows_csv(rows))
+    latest, superseded = current(rows)
+    atomic_write_text(out / "table.md", table_markdown(args.study, latest, superseded))
+    save_figure(figure(args.study, latest), out / "nme_vs_budget.png", dpi=110)
+    print(f"study_report: wrote {out / 'runs.csv'} ({len(rows)} rows), {out / 'table.md'}, {out / 'nme_vs_budget.png'}")
     return 0
 
 

@@ -349,3 +349,25 @@ def worst_faces(photos: PhotoSet, points: np.ndarray, nme: np.ndarray, n: int = 
             "photos_nme": np.asarray([float(nme[i]) for i in order], np.float64),
             "photos_label": np.asarray([f"{photos.faces[i].file}#{photos.faces[i].index} "
                                         f"({photos.faces[i].reference})" for i in order])}
+
+
+def evaluate_photos(models: dict[str, Any], decoders: dict[str, str], photos: PhotoSet, *, size: int, margin: float,
+                    sigma: float, flip: bool = False, seed: int = 0,
+                    worst: int = 12) -> tuple[dict[str, Any], str, dict[str, np.ndarray]]:
+    """Every model ``{loss: model}`` on every face of ``photos`` (each at its ``decoders[loss]``): the ``photos``
+    block (:func:`photos_report`), the per-face CSV (:func:`faces_csv`) and arrays for ``data/eval``:
+    ``photos_points_<loss> (F, 68, 2)``, ``photos_nme_<loss> (F,)`` and the worst faces of the loss with the lowest
+    median (:func:`worst_faces`), for the contact sheet of the plot stage."""
+    nme, arrays = {}, {}
+    for loss, model in models.items():
+        pts = predict_faces(model, loss, photos, size=size, margin=margin, sigma=sigma, decoder=decoders[loss],
+                            flip=flip)
+        nme[loss] = face_nme(pts, photos.faces) if photos.faces else np.zeros(0)
+        arrays[f"photos_points_{loss}"], arrays[f"photos_nme_{loss}"] = pts, nme[loss]
+    report = photos_report(photos, nme, decoders, seed=seed, flip=flip)
+    if photos.faces:
+        leader = min(nme, key=lambda loss: float(np.nanmedian(nme[loss])))
+        report["leader"] = leader
+        arrays.update(worst_faces(photos, arrays[f"photos_points_{leader}"], nme[leader], n=worst))
+        arrays["photos_worst_loss"] = np.asarray(leader)
+    return report, faces_csv(photos, nme), arrays
