@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -26,6 +27,8 @@ def main() -> int:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--out", default="metrics/bench_detect.json")
     ap.add_argument("--details", help="also pickle every photo's stage detections and times here (for rule studies)")
+    ap.add_argument("--replay", help="a --details pickle of an earlier run: summarise its detections and times "
+                    "(boxes mapped again with the current BOX_MAPPING) instead of running the detectors")
     args = ap.parse_args()
     if not Path(args.photos).is_dir():
         print(f"bench_detect: {args.photos} not found: skipped")
@@ -41,16 +44,21 @@ def main() -> int:
         why = f"{choice.path} ({choice.loss}, {backend})"
     size = getattr(model, "input_size", None) or cfg["size"]
     keep: list | None = [] if args.details else None
+    replay = pickle.loads(Path(args.replay).read_bytes()) if args.replay else None  # only ever our own --details file
     load_before = os.getloadavg()
     report, timing = photo_report(args.photos, model, choice.loss, size=size, margin=cfg["margin"],
                                   sigma=cfg["sigma"], decoder=best_decoder(choice.loss, cfg["decoder"]),
-                                  max_photos=args.max_photos, keep=keep)
+                                  max_photos=args.max_photos, keep=keep,
+                                  replay=replay["photos"] if replay else None)
     load_after = os.getloadavg()
     if args.details:
-        import pickle
-
-        Path(args.details).write_bytes(pickle.dumps(keep))
+        Path(args.details).write_bytes(pickle.dumps({"photos": keep, "load_average_before": list(load_before),
+                                                     "load_average_after": list(load_after)}))
+    if replay:  # the times are the earlier run's, and so is the load they were measured under
+        load_before, load_after = replay["load_average_before"], replay["load_average_after"]
+        timing["load_average_1min"] = float(load_after[0])
     atomic_write_json(args.out, {"report": report, "timing": timing, "landmark_model": why,
+                                 "times_from": f"replay of {args.replay}" if replay else "this run",
                                  "load_average_before": list(load_before), "load_average_after": list(load_after),
                                  "cpu_count": os.cpu_count()})
     print(f"{report['n_photos']} photos (skipped {', '.join(report['skipped']) or 'none'}); union {report['union_faces']} "

@@ -258,7 +258,12 @@ def test_photo_report_on_real_photos(tmp_path):
         shutil.copy(PHOTOS / name, tmp_path / name)
     shutil.copy(PHOTOS / "deca_alfw2.jpg", tmp_path / "contact.png")  # any image named contact*: skipped
     torch.manual_seed(0)
-    report, timing = photo_report(tmp_path, build_model(head_width=8).eval(), "mse", size=64)
+    model, kept = build_model(head_width=8).eval(), []
+    report, timing = photo_report(tmp_path, model, "mse", size=64, keep=kept)
+    again, timing2 = photo_report(tmp_path, model, "mse", size=64, replay=kept)  # no detector runs: same numbers
+    assert again == {**report, "replayed": True} and timing2 == {**timing, "load_average_1min": timing2[
+        "load_average_1min"]}
+    assert [name for name, *_ in kept] == ["deca_alfw2.jpg", "deca_exp_7.jpg", "deca_image03786.jpg"]
     assert report["n_photos"] == 3 and report["skipped"] == ["contact.png"]
     rows = report["settings"]
     assert set(rows) == set(SETTINGS) and rows["hog"]["faces"] == 2 and rows["hog"]["missed"] >= 1

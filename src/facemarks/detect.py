@@ -387,6 +387,18 @@ def _cnn(image: np.ndarray) -> list[Detection]:
     return [Detection(map_box(raw, "cnn"), score, "cnn", tuple(raw)) for raw, score in cnn_boxes(image)]
 
 
+def remap(d: Detection) -> Detection:
+    """``d`` with its ``box`` mapped again from its ``raw_box`` by the current :data:`BOX_MAPPING` (its detector,
+    copy angle and component): the same as a fresh detection would get."""
+    if d.detector == "hog" and d.rotation:
+        m = mapping_for("hog-rotate", ROTATIONS.index(d.rotation))
+    elif d.detector in ("hog", "cnn", "cascade"):
+        m = mapping_for(d.detector, d.component)
+    else:
+        return d
+    return replace(d, box=map_box(d.raw_box, m))
+
+
 def hog_is_enough(found: list[Detection], shape: tuple[int, ...]) -> bool:
     """The cascade's stop rule after ``hog``: some HOG face has score ≥ :data:`SURE_SCORE` and a mapped side ≥
     :data:`SURE_FRACTION` × the shorter image side (a sure face of a plausible main-subject size)."""

@@ -60,7 +60,8 @@ def _found(faces: list[D.Detection], union: list[D.Detection]) -> np.ndarray:
 
 def photo_report(folder: str | Path, model: Any = None, loss: str = "mse", *, size: int = 96, margin: float = 0.25,
                  sigma: float = 1.5, decoder: str = "subpixel", min_side: float = MIN_SIDE,
-                 max_photos: int | None = None, keep: list | None = None) -> tuple[dict[str, Any], dict[str, float]]:
+                 max_photos: int | None = None, keep: list | None = None,
+                 replay: list | None = None) -> tuple[dict[str, Any], dict[str, float]]:
     """The detector settings on the photos of ``folder`` (module docstring): ``(report, timing)``.
 
     ``model`` (a torch module or :class:`facemarks.runtime.OnnxHeatmaps` trained with ``loss``; optional) gives each
@@ -68,29 +69,44 @@ def photo_report(folder: str | Path, model: Any = None, loss: str = "mse", *, si
     it predicts (:func:`facemarks.predict.predict_many`). Needs dlib and the CNN model file (the ``peers`` extra):
     :class:`facemarks.detect.DetectorUnavailable` otherwise. ``keep``: a list that gets, per photo, ``(file name,
     image shape, {stage: detections}, {stage: ms})`` (to study other cascade rules without rerunning the detectors).
+    ``replay``: such a list from an earlier run, used instead of running the detectors (its times are reported; the
+    boxes are mapped again with the current :data:`facemarks.detect.BOX_MAPPING`, :func:`facemarks.detect.remap`).
     """
-    if not D.cnn_available():
+    if not D.cnn_available() and replay is None:
         D.resolve("cnn")  # raises DetectorUnavailable with the one-line reason
     files, skipped = photo_files(folder)
     files = files[:max_photos] if max_photos is not None else files
+    replayed = {name: (found, ms) for name, _, found, ms in (replay or [])}
+    if replay is not None:
+        files = [p for p in files if p.name in replayed]
     if not files:
         raise FileNotFoundError(f"photo_report: no photos in {folder}")
     per_setting: dict[str, dict[str, list]] = {s: {"faces": [], "found": [], "ms": []} for s in SETTINGS}
     unions, images = [], []
     n_fallback = 0
+    agree_iou: dict[str, list[float]] = {"cnn": [], "turned": []}
     for path in files:
         image = read_image(path)
         found, ms = {}, {}
+        if path.name in replayed:
+            found = {k: [D.remap(d) for d in v] for k, v in replayed[path.name][0].items()}
+            ms = dict(replayed[path.name][1])
         for stage in D.STAGES:
-            start = time.perf_counter()
-            found[stage] = D.run_stage(stage, image)
-            ms[stage] = 1000.0 * (time.perf_counter() - start)
+            if stage not in found:
+                start = time.perf_counter()
+                found[stage] = D.run_stage(stage, image)
+                ms[stage] = 1000.0 * (time.perf_counter() - start)
         if keep is not None:
             keep.append((path.name, image.shape, found, ms))
         union = D.merge([d for stage in D.STAGES for d in found[stage]])
         unions.append(union)
         images.append((image, [u.box for u in union]))
         n_fallback += "cnn" in D.stages_for("auto", found["hog"], image.shape, cnn=True)
+        for stage, dets in (("cnn", found["cnn"]), ("turned", found["turned"])):  # mapped boxes vs HOG's, same face
+            for d in dets:
+                best = max((box_iou(d.box, h.box) for h in found["hog"]), default=0.0)
+                if best >= D.MERGE_IOU:
+                    agree_iou[stage].append(best)
         for setting in SETTINGS:
             faces = D.assemble(setting, found, image.shape, cnn=True)
             row = per_setting[setting]
@@ -124,6 +140,10 @@ def photo_report(folder: str | Path, model: Any = None, loss: str = "mse", *, si
         "cascade_rule": {"sure_score": D.SURE_SCORE, "sure_fraction": D.SURE_FRACTION,
                          "cnn_max_side": D.CNN_MAX_SIDE, "rotations": list(D.ROTATIONS)},
         "settings": {},
+        # how well the CNN's and the turned copies' mapped boxes sit on HOG's mapped box of the same face
+        "iou_with_hog_median": {k: float(np.median(v)) if v else None for k, v in agree_iou.items()},
+        "iou_with_hog_pairs": {k: len(v) for k, v in agree_iou.items()},
+        "replayed": replay is not None,
     }
     timing: dict[str, float] = {}
     for setting in SETTINGS:
