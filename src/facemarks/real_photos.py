@@ -19,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from facemarks import metrics
+from facemarks.io import DataError
 
 #: name -> loader of a bundled portrait (uint8 RGB).
 PORTRAITS = ("astronaut", "grace_hopper")
@@ -88,8 +89,8 @@ ABOVE_NME = 10.0  # % NME: a face above this counts as a failure in the real-pho
 REFERENCES = ("human", "dlib")
 
 
-class PhotosError(ValueError):
-    """A bad real-photo folder: one line naming the ``evaluate.photos`` key."""
+class PhotosError(DataError):
+    """A bad real-photo folder: one line naming the ``evaluate.photos`` key (a stage prints it and exits 1)."""
 
 
 @dataclass(frozen=True)
