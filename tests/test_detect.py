@@ -271,7 +271,8 @@ def test_photo_report_on_real_photos(tmp_path):
     assert all(r["faces"] <= report["union_faces"] and 0 <= r["likely_fp"] <= r["faces"] for r in rows.values())
     assert "landmark confidence <" in report["likely_fp_rule"] and np.isfinite(report["low_confidence"])
     assert all(timing[f"{s}_ms_per_image_median"] > 0 for s in SETTINGS)
-    assert timing["auto_ms_per_image_median"] <= timing["hog-rotate_ms_per_image_median"] + timing[
-        "cnn_ms_per_image_median"] + 1e-6
+    # per photo hog-rotate runs hog and more, so its median cannot be below hog's; the same for the CPU times
+    assert timing["hog_ms_per_image_median"] <= timing["hog-rotate_ms_per_image_median"]
+    assert 0 < timing["hog_cpu_ms_per_image_median"] <= timing["hog-rotate_cpu_ms_per_image_median"]
     keys = [*report, *(k for r in rows.values() for k in r)]
     assert not [k for k in keys if "ms" in k.split("_")]  # timings go to `timing` only, never into the report
