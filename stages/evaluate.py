@@ -54,7 +54,7 @@ def main() -> None:
     for loss in losses:
         models[loss] = load_model(f"models/{loss}/model.pt", device)
         report[loss], out = evaluation.evaluate_loss(models[loss], test, loss, sigma, ev.threshold, ev.batch_size,
-                                                     ev.speed_faces, device)
+                                                     ev.speed_faces, device, flip=ev.flip_test)
         arrays.update({f"{k}_{loss}": v for k, v in out.items()})
         # the same crops and decoder on onnxruntime (stage export's file), timed next to torch (timings only)
         onnx, best = OnnxHeatmaps(f"exports/{loss}/model.onnx"), report[loss]["best_decoder"]
@@ -134,7 +134,7 @@ def photos_block(models: dict, report: dict, ev, *, size: int, margin: float, si
     photos = real_photos.photo_set(ev.photos, ev.photos_glob, cache=PHOTO_CACHE)
     block, csv_text, photo_arrays = real_photos.evaluate_photos(
         models, {loss: report[loss]["best_decoder"] for loss in models}, photos, size=size, margin=margin,
-        sigma=sigma, seed=seed)
+        sigma=sigma, flip=ev.flip_test, seed=seed)
     arrays.update(photo_arrays)
     for loss in models:
         r = block[loss]

@@ -59,7 +59,8 @@ def _defaults(params_path: str) -> dict[str, Any]:
     from facemarks.params import Params, load_params
 
     p = load_params(params_path) if Path(params_path).is_file() else Params()
-    return {"size": p.augment.size, "margin": p.augment.margin, "sigma": p.encode.sigma, "decoder": p.encode.decoder}
+    return {"size": p.augment.size, "margin": p.augment.margin, "sigma": p.encode.sigma, "decoder": p.encode.decoder,
+            "flip": p.evaluate.flip_test}
 
 
 def overlay_figure(image: Any, faces: list[dict[str, Any]], title: str) -> Any:
@@ -136,7 +137,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for name, image in sources:
         image = read_image(name) if image is None else image
         faces = predict_image(model, image, loss, args.box, size=size, margin=cfg["margin"], sigma=cfg["sigma"],
-                              decoder=decoder, detector=args.detector)
+                              decoder=decoder, detector=args.detector, flip=cfg["flip"])
         stem = Path(name).stem
         if not faces:
             print(f"facemarks predict: {name}: no face found by {detector} (try --box x,y,w,h)", file=sys.stderr)
@@ -144,6 +145,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             continue
         atomic_write_json(out / f"{stem}.json", {"image": str(name), "model": str(model_path), "loss": loss,
                                                   "model_choice": choice.why, "backend": backend, "decoder": decoder,
+                                                  "flip_test": cfg["flip"],
                                                   "detector": detector, "faces": [face_to_json(f) for f in faces]})
         found = ", ".join(f"{f['detector']}" + (f"@{f['rotation']:g}" if f["rotation"] else "")
                           + ("" if f["score"] is None else f" {f['score']:.2f}")

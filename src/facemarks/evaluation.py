@@ -150,8 +150,10 @@ def _public(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def evaluate_loss(model: torch.nn.Module, split: Any, loss: str, sigma: float, threshold: float, batch_size: int = 64,
-                  speed_faces: int = 32, device: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Score one trained model on a split (every decoder, original px) and time it.
+                  speed_faces: int = 32, device: str | torch.device = "cpu",
+                  flip: bool = False) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Score one trained model on a split (every decoder, original px; ``flip``: flip test-time augmentation,
+    ``evaluate.flip_test``) and time it.
 
     ``split`` is a :class:`facemarks.store.Split`. Returns the ``eval.json`` entry ``{decoder: row, "best_decoder",
     "ms_per_face_b1", "ms_per_face_batched"}`` and arrays for the best decoder: ``points (N, K, 2)`` original px,
@@ -160,7 +162,7 @@ def evaluate_loss(model: torch.nn.Module, split: Any, loss: str, sigma: float, t
     """
     images = np.asarray(split.images)
     gt = np.asarray(split.orig_points, np.float64)
-    heat = predict_heatmaps(model, images, loss, batch_size, device)
+    heat = predict_heatmaps(model, images, loss, batch_size, device, flip)
     rows, points = evaluate_decoders(heat, np.asarray(split.transform), gt, np.asarray(split.boxes),
                                      np.isfinite(gt).all(-1), sigma, threshold)
     best = min(rows, key=lambda d: rows[d]["nme_io"])

@@ -176,6 +176,8 @@ class Evaluate:
     photos: str = _p("", doc="folder of real photos scored per loss (the photos block of metrics/eval.json); "
                              "empty: the two bundled portraits")
     photos_glob: str = _p("", doc="file-name glob narrowing the photos of evaluate.photos (e.g. '*.jpg'); empty: all")
+    flip_test: bool = _p(False, doc="flip test-time augmentation (a crop and its mirror, maps averaged) in evaluate "
+                                    "and facemarks predict")
 
 
 @dataclass(frozen=True)

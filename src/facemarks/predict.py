@@ -154,11 +154,11 @@ def load_predictor(choice: ModelChoice, backend: str = "auto",
 
 def predict_boxes(model: torch.nn.Module | OnnxHeatmaps, image: np.ndarray, boxes: Sequence[Sequence[float]],
                   loss: str, *, size: int, margin: float = 0.25, sigma: float = 1.5, decoder: str = "subpixel",
-                  device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
+                  device: str | torch.device = "cpu", flip: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The faces in ``boxes`` ``(F, 4)`` of ``image`` (H, W[, 3]) uint8 → points ``(F, K, 2)`` image px, confidence
     ``(F, K)`` (:func:`predict_many` for one image)."""
     return predict_many(model, [(image, boxes)], loss, size=size, margin=margin, sigma=sigma, decoder=decoder,
-                        device=device)[0]
+                        device=device, flip=flip)[0]
 
 
 def predict_many(model: torch.nn.Module | OnnxHeatmaps, items: Sequence[tuple[np.ndarray, Sequence[Sequence[float]]]],
@@ -187,7 +187,8 @@ def predict_many(model: torch.nn.Module | OnnxHeatmaps, items: Sequence[tuple[np
 
 def predict_image(model: torch.nn.Module | OnnxHeatmaps, image: np.ndarray, loss: str, box: tuple | None = None, *,
                   size: int, margin: float = 0.25, sigma: float = 1.5, decoder: str = "subpixel",
-                  device: str | torch.device = "cpu", detector: str = "auto") -> list[dict[str, Any]]:
+                  device: str | torch.device = "cpu", detector: str = "auto",
+                  flip: bool = False) -> list[dict[str, Any]]:
     """Predict every face of an image (or the one in ``box``): ``[{"box", "points" (K, 2) image px, "confidence"
     (K,), "landmark_confidence", "detector", "rotation", "merged", "score", "detector_box"}]``; ``[]`` when no face
     is found.
@@ -195,7 +196,8 @@ def predict_image(model: torch.nn.Module | OnnxHeatmaps, image: np.ndarray, loss
     Faces come from :func:`facemarks.detect.detect` with ``detector`` (boxes mapped to the training convention,
     overlapping detections of one face merged); a given ``box`` is used as-is (``detector`` ``"given"``, ``score``
     None). ``landmark_confidence`` is the mean of the model's per-point confidence (heatmap peak: a false positive
-    scores low). Order: :func:`face_rank` (box side × landmark confidence), highest first.
+    scores low). Order: :func:`face_rank` (box side × landmark confidence), highest first. ``flip``: flip test-time
+    augmentation (:func:`facemarks.inference.predict_heatmaps`; ``evaluate.flip_test``).
     """
     if box is not None:
         b = tuple(float(v) for v in box)
@@ -203,7 +205,7 @@ def predict_image(model: torch.nn.Module | OnnxHeatmaps, image: np.ndarray, loss
     else:
         found = detect(image, detector)
     points, conf = predict_boxes(model, image, [d.box for d in found], loss, size=size, margin=margin, sigma=sigma,
-                                 decoder=decoder, device=device)
+                                 decoder=decoder, device=device, flip=flip)
     faces = [{"box": [float(v) for v in d.box], "points": points[i], "confidence": conf[i],
               "landmark_confidence": float(np.mean(conf[i])), "detector": d.detector, "rotation": float(d.rotation),
               "merged": list(d.merged), "score": d.score, "detector_box": [float(v) for v in d.raw_box]}
