@@ -44,9 +44,11 @@ def test_first_repro_runs_every_stage_and_writes_every_output(tiny_repo):
     log = (tiny_repo / ".first_repro.log").read_text()
     assert ran(log) == STAGES
     dvc = yaml.safe_load((tiny_repo / "dvc.yaml").read_text())
+    losses = yaml.safe_load((tiny_repo / "params.yaml").read_text())["train"]["losses"]
+    assert losses == ["mse", "bce"]  # the default list: the mission's pair
     declared = []
     for name, stage in dvc["stages"].items():
-        items = stage["foreach"] if "foreach" in stage else [None]
+        items = ({"${train.losses}": losses}[stage["foreach"]]) if "foreach" in stage else [None]
         body = stage.get("do", stage)
         for item in items:
             for kind in ("outs", "metrics", "plots"):
@@ -56,7 +58,8 @@ def test_first_repro_runs_every_stage_and_writes_every_output(tiny_repo):
     for path in declared:
         assert (tiny_repo / path).exists(), f"declared output missing: {path}"
     ev = json.loads((tiny_repo / "metrics/eval.json").read_text())
-    assert {"mse", "bce"} <= set(ev)
+    assert {"mse", "bce"} <= set(ev) and ev["losses"] == ["mse", "bce"] and "awing" not in ev
+    assert sorted(p.name for p in (tiny_repo / "exports").iterdir()) == ["bce", "mse"]
 
 
 def test_second_repro_runs_nothing(tiny_repo):
@@ -237,3 +240,132 @@ def test_evaluate_runs_without_the_peers_extra(tiny_repo, tmp_path):
     assert "dlib68" not in (repo / "metrics/ced.csv").read_text().splitlines()[0]
     detect = json.loads((repo / "metrics/detect.json").read_text())  # the detection rows fall back to the cascade
     assert set(detect["synthetic_test"]) == {"cascade"} and "skipped" in detect["astronaut"]
+
+
+def test_adding_awing_to_the_losses_list_trains_only_awing_and_scores_three_losses(tiny_repo, tmp_path):
+    """train.losses [mse, bce] -> [mse, bce, awing] (what `dvc exp run -S 'train.losses=[mse,bce,awing]'` writes):
+    train@mse and train@bce stay cached (their params list every train.* key but `losses`); train@awing, export,
+    evaluate and plot run, and every output covers the three losses, each pair compared on the same faces."""
+    import shutil
+
+    import mlflow
+
+    repo = tmp_path / "three"
+    shutil.copytree(tiny_repo, repo, symlinks=True)
+    assert stale(repo) == set()
+    set_param(repo, "train.losses", ["mse", "bce", "awing"])
+    assert stale(repo) == {"train@awing", "export", "evaluate", "plot"}
+    proc = sh(repo, *DVC, "repro")
+    assert ran(proc.stdout + proc.stderr) == ["train@awing", "export", "evaluate", "plot"]
+    assert stale(repo) == set()
+    for loss in ("mse", "bce", "awing"):
+        for path in (f"models/{loss}/model.pt", f"exports/{loss}/model.onnx", f"metrics/train_{loss}_epochs.csv",
+                     f"reports/eval/keypoints_{loss}.png"):
+            assert (repo / path).stat().st_size > 0, path
+    # mse and bce were not retrained: the very same model bytes as the two-loss reproduction
+    for loss in ("mse", "bce"):
+        assert (repo / f"models/{loss}/model.pt").read_bytes() == (tiny_repo / f"models/{loss}/model.pt").read_bytes()
+    ev = json.loads((repo / "metrics/eval.json").read_text())
+    assert ev["losses"] == ["mse", "bce", "awing"] and ev["awing"]["nme_io"] > 0
+    c = ev["comparison"]
+    assert set(c["pairs"]) == {"bce-mse", "awing-mse", "awing-bce"} and c["delta"] == "bce - mse"
+    for key, pair in c["pairs"].items():
+        assert key == f"{pair['a']}-{pair['b']}" and pair["best"]["ci_low"] <= pair["best"]["mean_delta"] <= \
+            pair["best"]["ci_high"]
+    assert c["best"] == c["pairs"]["bce-mse"]["best"]
+    assert ev["winner"] is None or all(ev["winner"] == p["winner"] for p in c["pairs"].values() if ev["winner"]
+                                       in (p["a"], p["b"]))
+    assert json.loads((repo / "metrics/export.json").read_text()).keys() >= {"mse", "bce", "awing"}
+    assert (repo / "metrics/ced.csv").read_text().splitlines()[0].startswith("nme,mse,bce,awing")
+    readme = (repo / "reports/eval/README.md").read_text()
+    assert "## MSE vs AWING on the same test faces" in readme and "| awing |" in readme
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("facemarks")
+    awing = client.search_runs([exp.experiment_id], filter_string="tags.`dvc.stage` = 'train@awing'")
+    assert len(awing) == 1 and "test_nme" in awing[0].data.metrics and "train.losses" not in awing[0].data.params
+    evaluate = client.get_run(awing[0].data.tags["evaluate_run"])
+    assert "comparison.pairs.awing-mse.best.ci_low" in evaluate.data.metrics
+    # `facemarks compare` pairs the three train runs that evaluate scored together
+    out = sh(repo, sys.executable, "-m", "facemarks.cli", "compare").stdout
+    assert "paired AWING − MSE over seeds" in out and "better than every other loss" in out
+    # back to the pair: the trained models are all still cached, only the list's consumers are stale
+    set_param(repo, "train.losses", ["mse", "bce"])
+    assert stale(repo) == {"export", "evaluate", "plot"}
+
+
+def _evaluate(repo, **params):
+    """Set ``evaluate.*`` params in ``repo`` and run the evaluate stage script there (no DVC: the stage alone)."""
+    import subprocess
+
+    from conftest import pipeline_env
+
+    for key, value in params.items():
+        set_param(repo, f"evaluate.{key}", value)
+    return subprocess.run([sys.executable, "stages/evaluate.py"], cwd=repo, env=pipeline_env(repo),
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_evaluate_photos_bad_folder_fails_before_any_work_naming_the_key(tiny_repo, tmp_path):
+    import shutil
+
+    repo = tmp_path / "bad-photos"
+    shutil.copytree(tiny_repo, repo, symlinks=True)
+    before = {p: (repo / p).read_bytes() for p in ("metrics/eval.json", "metrics/photos.csv", "metrics/detect.json")}
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no photos")
+    for folder, message in ((tmp_path / "nowhere", "is not a folder"), (empty, "holds no image")):
+        proc = _evaluate(repo, photos=str(folder))
+        assert proc.returncode != 0
+        last = proc.stderr.strip().splitlines()[-1]
+        assert "evaluate.photos: " in last and message in last, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr and "evaluate: mse" not in proc.stdout  # nothing was scored
+        assert {p: (repo / p).read_bytes() for p in before} == before  # the last good outputs are untouched
+
+
+@pytest.mark.skipif(not __import__("facemarks.peers", fromlist=["available"]).available(),
+                    reason="the peers extra (dlib) is not installed")
+def test_evaluate_photos_scores_a_folder_with_and_without_markup(tiny_repo, tmp_path):
+    """A user's folder: one photo with 300-W markup beside it (scored against it), one without (scored against
+    dlib's points); the photos block, the per-face CSV, the MLflow run and the plot stage's contact sheet."""
+    import shutil
+    import subprocess
+
+    import mlflow
+
+    from conftest import pipeline_env
+    from facemarks import real_photos
+    from facemarks.io import write_image, write_pts
+
+    repo = tmp_path / "photos"
+    shutil.copytree(tiny_repo, repo, symlinks=True)
+    folder = tmp_path / "my photos"
+    folder.mkdir()
+    refs = {r.name: r for r in real_photos.dlib_references()}
+    for name in real_photos.PORTRAITS:
+        write_image(folder / f"{name}.jpg", real_photos.load_portrait(name))
+    write_pts(folder / "grace_hopper.pts", refs["grace_hopper"].points + 1.5)  # "human" markup
+    proc = _evaluate(repo, photos=str(folder), photos_glob="*.jpg")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    block = json.loads((repo / "metrics/eval.json").read_text())["photos"]
+    assert block["folder"] == str(folder) and block["n_images"] == 2 and block["references"]["human"] == 1
+    assert block["references"]["dlib"] >= 1 and set(block["comparison"]) == {"bce_vs_mse"}
+    for loss in ("mse", "bce"):
+        row = block[loss]
+        assert row["n_faces"] == block["n_faces"] and row["median"] > 0 and 0 <= row["share_above_10"] <= 1
+        assert set(row["by_reference"]) == {"human", "dlib"}
+    lines = (repo / "metrics/photos.csv").read_text().splitlines()
+    assert lines[0] == "file,face,reference,box_source,nme_mse,nme_bce" and len(lines) == 1 + block["n_faces"]
+    assert any(line.startswith("grace_hopper.jpg,0,human,dlib,") for line in lines)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("facemarks")
+    run = client.search_runs([exp.experiment_id], "tags.`dvc.stage` = 'evaluate' and attributes.run_name = 'evaluate'",
+                             order_by=["attributes.start_time DESC"], max_results=1)[0]
+    assert run.data.metrics["photos.mse.median"] == pytest.approx(block["mse"]["median"])
+    plot = subprocess.run([sys.executable, "stages/plot.py"], cwd=repo, env=pipeline_env(repo), capture_output=True,
+                          text=True, timeout=600)
+    assert plot.returncode == 0, plot.stderr[-3000:]
+    import imageio.v3 as iio
+
+    sheet = iio.imread(repo / "reports/eval/photos_worst.png")
+    assert sheet.shape[0] > 100 and sheet[..., :3].std() > 5
