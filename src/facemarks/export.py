@@ -184,6 +184,19 @@ INT8_KEYS = ("precision", "quant_format", "calibration_method", "calibration_fac
              "fp32_sha256", "int8_check", "int8_max_nme_delta", "int8_tolerance_nme")
 
 
+@contextlib.contextmanager
+def _quiet_logging():
+    """Raise the root logger to ERROR for the duration (``quant_pre_process`` / ``quantize_static`` log through it at
+    INFO and WARNING), then put its level back."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 class CropReader:
     """:class:`onnxruntime.quantization.CalibrationDataReader` over uint8 crops ``(N, S, S)``: batches of
     ``batch_size`` as the graph's input (float32 ``(B, 1, S, S)`` in [0, 1], as :class:`OnnxHeatmaps` feeds it)."""
@@ -261,9 +274,8 @@ def quantize_int8(fp32_path: str | Path, path: str | Path, calibration: np.ndarr
     if calibration.ndim != 3 or len(calibration) == 0:
         raise ValueError(f"quantize_int8: calibration must be uint8 (N, S, S) crops, got {calibration.shape}")
     meta = read_metadata(fp32_path)
-    for name in ("onnxruntime.quantization", "root"):  # quant_pre_process / quantize_static log at INFO/WARNING
-        logging.getLogger(name).setLevel(logging.ERROR)
-    with tempfile.TemporaryDirectory(prefix="facemarks-int8-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="facemarks-int8-") as tmp, _quiet_logging(), \
+            contextlib.redirect_stdout(io.StringIO()):  # the entropy / percentile calibrators print their progress
         pre, out = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
         method_enum = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
