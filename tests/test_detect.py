@@ -158,6 +158,13 @@ def test_merge_keeps_one_detection_per_face():
     assert [d.box for d in out] == [a.box, other.box, touching.box]
     assert out[0].merged == ("cnn", "hog@30") and out[1].merged == () and out[0].score == 1.2
     assert box_iou(a.box, touching.box) < D.MERGE_IOU <= box_iou(a.box, cnn.box)
+    # the CNN's window-size box (135 px) around a smaller HOG face (85 px): IoU 0.40-, but the face lies inside it
+    small = det((200.0, 200.0, 85.0, 85.0), 1.5, "hog", (200.0, 200.0, 85.0, 85.0))
+    window = det((180.0, 185.0, 135.0, 135.0), 0.7, "cnn", (180.0, 185.0, 135.0, 135.0))
+    huge = det((150.0, 150.0, 200.0, 200.0), 0.7, "cnn", (150.0, 150.0, 200.0, 200.0))  # > MERGE_RATIO x: another face
+    assert box_iou(small.box, window.box) < D.MERGE_IOU and D.same_face(small.box, window.box)
+    assert not D.same_face(small.box, huge.box)
+    assert [(d.box, d.merged) for d in D.merge([small, window, huge])] == [(small.box, ("cnn",)), (huge.box, ())]
 
 
 def test_map_box_and_fit_box_map_roundtrip():
