@@ -97,6 +97,11 @@ def main() -> None:
         models[chosen], chosen, read_dlib_xml("data/raw/test.xml"), "data/raw", size=int(test.meta["size"]),
         margin=float(meta_aug.get("margin", 0.25)), sigma=sigma, decoder=report[chosen]["best_decoder"],
         max_images=ev.detect_images, use_peers=notice is None)
+    if ev.photos:  # every detector setting of `facemarks predict` on the real-photo folder (detect_eval)
+        detection["photos"], photo_timing = detect_photos(
+            ev.photos, models[chosen], chosen, size=int(test.meta["size"]), margin=float(meta_aug.get("margin", 0.25)),
+            sigma=sigma, decoder=report[chosen]["best_decoder"])
+        detect_timing.update({f"photos.{k}": v for k, v in photo_timing.items()})
     atomic_write_json("metrics/detect.json", detection)
     write_timings("detect", detect_timing)
     evaluation.log_detect_mlflow(detection, detect_timing)
@@ -142,6 +147,18 @@ def photos_block(models: dict, report: dict, ev, *, size: int, margin: float, si
               f"{r['share_above_10']:.3f} ({block['n_faces']} faces of {block['n_images']} images, "
               f"references {block['references']})")
     return block, csv_text
+
+
+def detect_photos(folder: str, model, loss: str, **kw) -> tuple[dict, dict]:
+    """The ``photos`` block of ``metrics/detect.json`` (:func:`facemarks.detect_eval.photo_report`: per detector
+    setting, faces found, missed against the union of the others, likely false positives) and its timings; without
+    dlib's CNN model (the peers extra) a one-line ``skipped``."""
+    from facemarks import detect, detect_eval
+
+    if not detect.cnn_available():
+        print("evaluate: no photos block in metrics/detect.json: dlib's CNN face detector is not installed")
+        return {"skipped": "dlib's CNN face detector (peers extra) is not installed"}, {}
+    return detect_eval.photo_report(folder, model, loss, **kw)
 
 
 def test_references(test) -> dict[str, int]:

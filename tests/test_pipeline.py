@@ -354,6 +354,8 @@ def test_evaluate_photos_scores_a_folder_with_and_without_markup(tiny_repo, tmp_
         row = block[loss]
         assert row["n_faces"] == block["n_faces"] and row["median"] > 0 and 0 <= row["share_above_10"] <= 1
         assert set(row["by_reference"]) == {"human", "dlib"}
+    detect = json.loads((repo / "metrics/detect.json").read_text())["photos"]  # the detector settings on the folder
+    assert set(detect["settings"]) >= {"hog", "cnn", "auto"} if "settings" in detect else "skipped" in detect
     lines = (repo / "metrics/photos.csv").read_text().splitlines()
     assert lines[0] == "file,face,reference,box_source,nme_mse,nme_bce" and len(lines) == 1 + block["n_faces"]
     assert any(line.startswith("grace_hopper.jpg,0,human,dlib,") for line in lines)
