@@ -236,7 +236,7 @@ def seeds_text(summary: list[dict[str, Any]], counts: dict[str, int] | None = No
     seeds, n seeds, seeds won (against every other loss of the seed), and the paired difference over seeds of every
     pair of losses with its interval and verdict."""
     if not summary:
-        return "no pairs of evaluated train runs (`dvc repro` or `dvc exp run` log them)"
+        return "no MSE/BCE pairs of evaluated train runs (`dvc repro` or `dvc exp run` log them)"
     lines = []
     for entry in summary:
         lines += [f"budget {entry['label']}: seeds {', '.join(map(str, entry['seeds']))}",
