@@ -93,7 +93,7 @@ def test_every_face_is_labelled_by_dlib_in_its_own_box_and_written_in_the_traini
         for face, xml_face, (box, score, comp) in zip(rec["faces"], xml[file].faces, found):
             assert face["teacher"] == teacher.TEACHER and face["detector_box"] == list(box)
             assert face["component"] == comp and face["score"] == pytest.approx(score, abs=1e-6)
-            np.testing.assert_allclose(xml_face.box, map_box(box, "dlib", comp), atol=1e-3)  # predict's box
+            np.testing.assert_allclose(xml_face.box, map_box(box, "hog", comp), atol=1e-3)  # predict's box
             np.testing.assert_array_equal(xml_face.points, model.predict(image, box))  # dlib's points, its own box
     assert summary["teacher"]["n_photos"] == 3 and summary["teacher"]["n_photos_without_faces"] == 1
     assert summary["teacher"]["n_faces_labelled"] == sum(len(r["faces"]) for r in record["images"].values())

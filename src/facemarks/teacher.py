@@ -6,7 +6,9 @@
 
 Labelling: every face dlib's frontal HOG detector finds (``upsample = data.photos.upsample``, dlib's own threshold)
 is labelled by dlib's 68-point predictor **inside dlib's own detector box** (the box that predictor was trained
-with). The face box written to the XML is that detector box mapped onto the project's training-box convention by
+with). Only the HOG stage of ``predict``'s detector cascade (:mod:`facemarks.detect`) is used: the cascade's CNN and
+turned-copy detections have other boxes (and, for the copies, another image) than the predictor was trained on, so
+a face only they find is not taught (the photo is counted without faces) rather than labelled in a foreign box. The face box written to the XML is that detector box mapped onto the project's training-box convention by
 :func:`facemarks.detect.map_box` (:data:`facemarks.detect.BOX_MAPPING`, per HOG sub-detector) — exactly the box
 ``predict`` gives the model at inference for the same face, so training on a photo sees the box the deployed model
 will see (docs/design.md, "photos"). Faces the teacher cannot label are counted by reason and skipped, never
@@ -205,7 +207,7 @@ def _accept(det: dict, width: int, height: int, min_score: float = 0.0) -> tuple
     points = np.asarray(det["points"], np.float64).reshape(-1, 2)
     raw = tuple(float(v) for v in det["detector_box"])
     comp = int(det["component"])
-    box = tuple(round(v, 3) for v in map_box(raw, "dlib", comp))
+    box = tuple(round(v, 3) for v in map_box(raw, "hog", comp))
     face = Face(box=box, points=points)
     problem = face_problem(face, width, height)
     if problem is not None:
