@@ -58,7 +58,7 @@ def main() -> int:
         load_before, load_after = replay["load_average_before"], replay["load_average_after"]
         timing["load_average_1min"] = float(load_after[0])
     atomic_write_json(args.out, {"report": report, "timing": timing, "landmark_model": why,
-                                 "times_from": f"replay of {args.replay}" if replay else "this run",
+                                 "times_from": f"replay of {Path(args.replay).name}" if replay else "this run",
                                  "load_average_before": list(load_before), "load_average_after": list(load_after),
                                  "cpu_count": os.cpu_count()})
     print(f"{report['n_photos']} photos (skipped {', '.join(report['skipped']) or 'none'}); union {report['union_faces']} "
