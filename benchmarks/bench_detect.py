@@ -63,13 +63,16 @@ def main() -> int:
                                  "cpu_count": os.cpu_count()})
     print(f"{report['n_photos']} photos (skipped {', '.join(report['skipped']) or 'none'}); union {report['union_faces']} "
           f"faces, {report['union_faces_60px']} of >= {report['min_side']:g} px; landmark model: {why}")
-    print(f"{'setting':12s}{'faces':>7s}{'missed':>8s}{'miss60':>8s}{'rec60':>8s}{'likelyFP':>10s}{'ms med':>9s}"
-          f"{'cpu ms':>9s}")
+    print(f"{'setting':12s}{'faces':>7s}{'missed':>8s}{'miss60':>8s}{'rec60':>8s}{'recP60':>8s}{'likelyFP':>10s}"
+          f"{'ms med':>9s}{'cpu ms':>9s}")
     for s in SETTINGS:
         r = report["settings"][s]
-        print(f"{s:12s}{r['faces']:7d}{r['missed']:8d}{r['missed_60px']:8d}{r['recall_60px']:8.3f}{r['likely_fp']:10d}"
+        print(f"{s:12s}{r['faces']:7d}{r['missed']:8d}{r['missed_60px']:8d}{r['recall_60px']:8.3f}"
+              f"{r['recall_plausible_60px']:8.3f}{r['likely_fp']:10d}"
               f"{timing[f'{s}_ms_per_image_median']:9.0f}{timing[f'{s}_cpu_ms_per_image_median']:9.0f}")
-    print(f"likely FP: {report['likely_fp_rule']}")
+    print(f"likely FP: {report['likely_fp_rule']}; recP60: recall over the {report['union_plausible_60px']} union "
+          f"faces >= {report['min_side']:g} px that are not likely FP; auto ran cnn + turned copies on "
+          f"{report['auto_fallback_photos']} photos")
     print(f"load average (1, 5, 15 min) before {load_before}, after {load_after}, {os.cpu_count()} CPUs")
     return 0
 
