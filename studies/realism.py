@@ -101,16 +101,37 @@ def measure_data(work: Path) -> dict:
     return {"dlib_realism_nme": realism.get("dlib_nme_mean"), "dlib_detector_hit_rate": realism.get("detector_hit_rate")}
 
 
+LEVERS = ROWS.parent / "levers"  # studies/photo_levers.py: real-photo rows per trained model (one per seed)
+PHOTO_SETTING = "mapped|flip|dark"  # what evaluate reports by default: predict's box, flip TTA, the DARK decoder
+
+
+def real_photo_cell(name: str, loss: str = "mse", setting: str = PHOTO_SETTING) -> str:
+    """Median NME % on the real-photo set of the models of realism row ``name`` (levers rows of that group): mean ±
+    sd over their training seeds, with the seed count; '—' when no model of the row was kept and re-scored."""
+    vals = [r["losses"][loss][setting]["median"] for r in (json.loads(p.read_text()) for p in sorted(LEVERS.glob("*.json")))
+            if r.get("group") == name and loss in r["losses"]]
+    if not vals:
+        return "— (model not kept)"
+    spread = f" ± {np.std(vals, ddof=1):.2f}" if len(vals) > 1 else ""
+    return f"{np.mean(vals):.2f}{spread} ({len(vals)} seed{'s' if len(vals) > 1 else ''})"
+
+
 def table() -> str:
     rows = [json.loads(p.read_text()) for p in sorted(ROWS.glob("*.json"), key=lambda p: p.stat().st_mtime)]
     rows = [r for r in rows if "synthetic_test_nme" in r["measured"]]
     lines = ["| row | overrides | dlib NME on synthetic test % | dlib detects % | synthetic test NME % (MSE) | "
-             "astronaut NME % | Grace Hopper NME % |", "|---|---|---|---|---|---|---|"]
+             "astronaut NME % | Grace Hopper NME % | real photos: median NME % (MSE, mean ± sd over seeds) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m, real = r["measured"], r["measured"]["real"]
         lines.append(f"| {r['name']} | {' '.join(r['overrides']) or '(params.yaml)'} | {m['dlib_realism_nme']:.2f} | "
                      f"{100 * m['dlib_detector_hit_rate']:.1f} | {m['synthetic_test_nme']:.2f} | "
-                     f"{real.get('astronaut', float('nan')):.2f} | {real.get('grace_hopper', float('nan')):.2f} |")
+                     f"{real.get('astronaut', float('nan')):.2f} | {real.get('grace_hopper', float('nan')):.2f} | "
+                     f"{real_photo_cell(r['name'])} |")
+    lines += ["", "Real photos: the 100 photos of `../shared/real-photos` (dlib finds 210 faces; NME from dlib's "
+              "points, in predict's mapped dlib box, DARK decoder, flip test-time augmentation as shipped), scored by `studies/photo_levers.py` "
+              "on each kept model of the row, one training seed each (`reports/realism/levers/`, table: "
+              "`reports/realism/levers.md`). Rows whose models were not kept would need retraining to be scored."]
     lines += ["", "Generator ablation (data only: one change left out of the shipped generator at a time; 300 test faces):",
               "", "| row | overrides | dlib NME on synthetic test % | dlib detects % |", "|---|---|---|---|"]
     for r in (json.loads(p.read_text()) for p in sorted(ROWS.glob("*.json"), key=lambda p: p.stat().st_mtime)):

@@ -176,7 +176,7 @@ class Evaluate:
     photos: str = _p("", doc="folder of real photos scored per loss (the photos block of metrics/eval.json); "
                              "empty: the two bundled portraits")
     photos_glob: str = _p("", doc="file-name glob narrowing the photos of evaluate.photos (e.g. '*.jpg'); empty: all")
-    flip_test: bool = _p(False, doc="flip test-time augmentation (a crop and its mirror, maps averaged) in evaluate "
+    flip_test: bool = _p(True, doc="flip test-time augmentation (a crop and its mirror, maps averaged) in evaluate "
                                     "and facemarks predict")
 
 
