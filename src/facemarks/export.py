@@ -60,6 +60,19 @@ class HeatmapsModule(nn.Module):
         return outputs_to_heatmaps(self.model(images), self.loss)
 
 
+def save_with_metadata(proto, meta: dict[str, str], path: str | Path) -> Path:
+    """Replace the ONNX model's metadata with ``meta``, check the model and write it to ``path`` atomically."""
+    import onnx
+
+    del proto.metadata_props[:]
+    for key, value in meta.items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(proto)
+    with atomic_path(path) as tmp:
+        onnx.save_model(proto, str(tmp))
+    return Path(path)
+
+
 def export_onnx(model: HeatmapNet, loss: str, path: str | Path, input_size: int,
                 source: str | Path | None = None) -> Path:
     """Write ``model`` (trained with ``loss``, input side ``input_size``) to ``path`` as ONNX; returns ``path``.
@@ -92,13 +105,7 @@ def export_onnx(model: HeatmapNet, loss: str, path: str | Path, input_size: int,
         from facemarks.sources import file_sha256
 
         meta["source_sha256"] = file_sha256(Path(source))
-    del proto.metadata_props[:]
-    for key, value in meta.items():
-        proto.metadata_props.add(key=key, value=value)
-    onnx.checker.check_model(proto)
-    with atomic_path(path) as tmp:
-        onnx.save_model(proto, str(tmp))
-    return Path(path)
+    return save_with_metadata(proto, meta, path)
 
 
 def peaked(heatmaps: np.ndarray) -> np.ndarray:
@@ -289,13 +296,7 @@ def quantize_int8(fp32_path: str | Path, path: str | Path, calibration: np.ndarr
     meta.update({"precision": "int8", "quant_format": fmt, "calibration_method": method,
                  "calibration_faces": str(len(calibration)), "calibration_seed": "" if seed is None else str(seed),
                  "fp32_sha256": file_sha256(Path(fp32_path))})
-    del proto.metadata_props[:]
-    for key, value in meta.items():
-        proto.metadata_props.add(key=key, value=value)
-    onnx.checker.check_model(proto)
-    with atomic_path(path) as tmp:
-        onnx.save_model(proto, str(tmp))
-    return Path(path)
+    return save_with_metadata(proto, meta, path)
 
 
 def int8_accuracy(fp32: OnnxHeatmaps, int8: OnnxHeatmaps, crops: np.ndarray, transforms: np.ndarray,
