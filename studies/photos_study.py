@@ -96,8 +96,8 @@ def prepare(n: int, train_part: list[Path], budget: str = "default") -> Path:
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    shutil.copytree(ROOT / "stages", work / "stages")
-    doc = yaml.safe_load((ROOT / "params.yaml").read_text())
+    shutil.copytree(CODE / "_stages", work / "stages")
+    doc = yaml.safe_load((CODE / "_params.yaml").read_text())
     _set(doc, "base.study", "photos")
     for key, value in BUDGETS[budget].items():
         _set(doc, key, value)
@@ -122,6 +122,10 @@ def snapshot(tag: str) -> None:
     if CODE.exists():
         shutil.rmtree(CODE)
     shutil.copytree(ROOT / "src", CODE, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    # params.yaml and the stage scripts of the same moment: a key added to the live params.yaml later is unknown to
+    # the snapshot's params.py
+    shutil.copytree(ROOT / "stages", CODE / "_stages", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copyfile(ROOT / "params.yaml", CODE / "_params.yaml")
     sys.path.insert(0, str(CODE))
 
 
