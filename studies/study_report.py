@@ -221,7 +221,7 @@ def table_markdown(study: str, rows: list[dict], superseded: int) -> str:
     lines = [f"# Study `{study}`: the losses over training seeds, on synthetic test faces and on real photos", "",
              "Synthetic: test NME in % (inter-ocular) on the synthetic test faces. Real photos: the median NME % over "
              "the faces of the real-photo set (`studies/study_report.py --score-photos`: human markup where "
-             "present, else dlib's 68 points in dlib's box; each model at the decoder its evaluate found best). "
+             "present, else dlib's 68 points in dlib's box; each model at the decoder its evaluate found best, no flip test-time augmentation). "
              "Per budget and loss: mean ± sd over training seeds (`train.seed`; the data are the same for every "
              "seed). Δ a − b per seed, Student t 95 % interval over seeds; a loss is named only when it excludes 0. "
              f"Rebuilt by `python studies/study_report.py --study {study}` from the committed `runs.csv` plus the "
