@@ -229,7 +229,7 @@ def face_to_json(face: dict[str, Any]) -> dict[str, Any]:
            "points": np.round(np.asarray(face["points"], np.float64), 3).tolist(),
            "confidence": np.round(np.asarray(face["confidence"], np.float64), 4).tolist()}
     if "landmark_confidence" in face:
-        out["landmark_confidence"] = round(float(face["landmark_confidence"]), 4)
+        out["landmark_confidence"] = float(f"{float(face['landmark_confidence']):.6g}")  # 6 digits: it orders the faces
     if "detector" in face:
         score = face.get("score")
         out.update(detector=face["detector"], rotation=float(face.get("rotation", 0.0)),
