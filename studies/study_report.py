@@ -14,7 +14,7 @@ Per (budget, seed, loss) the latest run counts; older reruns are listed as super
 
 ``--score-photos`` scores every row that has no real-photo NME yet and whose model file is in a DVC cache
 (``<cache>/files/md5/<md5[:2]>/<md5[2:]>``, md5 from the train run's ``facemarks.model_md5`` tag; default cache:
-this repository's ``.dvc/cache``): the real-photo evaluation of :mod:`facemarks.real_photos` on ``--photos``
+the current folder's ``.dvc/cache``): the real-photo evaluation of :mod:`facemarks.real_photos` on ``--photos``
 (human markup where present, else dlib's points in dlib's box), at the decoder the run's evaluate found best on the
 synthetic test faces, crop margin 0.25 (``augment.margin``, which no study changes). Its median is also logged into
 the train run as ``photos_median``.
@@ -160,7 +160,7 @@ def score_photos(rows: list[dict], caches: list[Path], folder: str, pattern: str
     todo = [r for r in rows if r.get(PHOTO_VALUE) is None and model_file(r.get("model_md5") or "", caches)]
     if not todo:
         return 0
-    photos = photo_set(folder, pattern, cache=ROOT / "data" / "cache" / "photo_refs")
+    photos = photo_set(folder, pattern, cache=Path("data") / "cache" / "photo_refs")  # dlib's answers, by image hash
     for r in todo:
         decoder = r.get("_decoder") or r.get("photos_decoder") or "dark"
         model = load_model(model_file(r["model_md5"], caches))
@@ -294,12 +294,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study", required=True, help="the study name (base.study, MLflow tag study)")
     parser.add_argument("--experiment", help="MLflow experiment (default: every experiment)")
-    parser.add_argument("--out", default=str(ROOT / "reports" / "study"), help="parent folder of <study>/")
+    parser.add_argument("--out", default="reports/study", help="parent folder of <study>/ (default: reports/study "
+                                                                "of the current folder, the repository root)")
     parser.add_argument("--no-store", action="store_true", help="only the committed rows (no MLflow store)")
     parser.add_argument("--score-photos", action="store_true", help="score unscored models on real photos")
     parser.add_argument("--photos", default=str(ROOT.parent / "shared" / "real-photos"))
     parser.add_argument("--pattern", default="*.jpg")
-    parser.add_argument("--dvc-cache", nargs="*", default=[str(ROOT / ".dvc" / "cache")])
+    parser.add_argument("--dvc-cache", nargs="*", default=[".dvc/cache"], help="DVC caches holding the models")
     args = parser.parse_args(argv)
 
     from facemarks.atomic import atomic_write_text

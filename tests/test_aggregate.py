@@ -204,7 +204,7 @@ def test_study_report_scores_models_from_the_dvc_cache_on_real_photos(store, tmp
     mlflow.MlflowClient().set_tag(run_id, "facemarks.model_md5", md5)
     mlflow.MlflowClient().set_tag(run_id, "test_best_decoder", "subpixel")
     report = load_script("study_report")
-    monkeypatch.setattr(report, "ROOT", tmp_path)  # the dlib reference cache goes to the temp folder
+    monkeypatch.chdir(tmp_path)  # the dlib reference cache (data/cache/photo_refs) goes to the temp folder
     assert report.main(["--study", "s2", "--out", str(tmp_path / "study"), "--score-photos", "--photos",
                         str(photos), "--pattern", "*.jpg", "--dvc-cache", str(cache)]) == 0
     row = report.read_rows(tmp_path / "study/s2/runs.csv")[0]

@@ -165,10 +165,13 @@ def test_exp_run_creates_run_tagged_with_experiment_name(tiny_repo):
     assert "budget 32 px (8×8 maps), 1+0 epochs: seeds 1" in out and "1 pairs from 2 evaluated train runs" in out
     report = sh(tiny_repo, sys.executable, str(ROOT / "studies/study_report.py"), "--study", "probe")
     assert report.returncode == 0
-    table = (tiny_repo / "reports/study/table.md").read_text()
-    row = next(line for line in table.splitlines() if line.endswith("| lr-probe |"))
-    assert "—" not in row.split("|")[6]  # the face-level interval of that seed's evaluate run
-    assert (tiny_repo / "reports/study/nme_vs_budget.png").stat().st_size > 0
+    table = (tiny_repo / "reports/study/probe/table.md").read_text()  # written where the study report is run
+    assert "| 32 px (8×8 maps), 1+0 epochs | mse | 1 |" in table and "| bce − mse |" in table
+    with open(tiny_repo / "reports/study/probe/runs.csv") as f:
+        rows = list(__import__("csv").DictReader(f))
+    assert {(r["loss"], r["exp_name"], r["seed"]) for r in rows} == {("mse", "lr-probe", "1"), ("bce", "lr-probe", "1")}
+    assert all(r["model_md5"] and r["evaluate_run"] for r in rows)  # what --score-photos needs to find each model
+    assert (tiny_repo / "reports/study/probe/nme_vs_budget.png").stat().st_size > 0
 
 
 # Keys that would differ between two reproductions of the same commit (wall clock, machine load, MLflow ids):
