@@ -11,13 +11,35 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
+import json
 import sys
 from pathlib import Path
 
 from facemarks.atomic import atomic_write_json
 from facemarks.detect_eval import SETTINGS, photo_report
 
+
+
+def details_to_json(details: dict) -> str:
+    """``--details`` as JSON: per photo (file name, image shape, {stage: [Detection as a dict]}, {stage: ms})."""
+    import dataclasses
+
+    photos = [[name, list(shape), {k: [dataclasses.asdict(d) for d in v] for k, v in found.items()}, ms]
+              for name, shape, found, ms in details["photos"]]
+    return json.dumps({**details, "photos": photos})
+
+
+def details_from_json(text: str) -> dict:
+    """The inverse of :func:`details_to_json` (boxes back to tuples, ``Detection`` objects rebuilt)."""
+    from facemarks.detect import Detection
+
+    def det(d: dict) -> Detection:
+        return Detection(**{**d, "box": tuple(d["box"]), "raw_box": tuple(d["raw_box"]), "merged": tuple(d["merged"])})
+
+    doc = json.loads(text)
+    doc["photos"] = [(name, tuple(shape), {k: [det(d) for d in v] for k, v in found.items()}, ms)
+                     for name, shape, found, ms in doc["photos"]]
+    return doc
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -26,8 +48,8 @@ def main() -> int:
     ap.add_argument("--max-photos", type=int)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--out", default="metrics/bench_detect.json")
-    ap.add_argument("--details", help="also pickle every photo's stage detections and times here (for rule studies)")
-    ap.add_argument("--replay", help="a --details pickle of an earlier run: summarise its detections and times "
+    ap.add_argument("--details", help="also write every photo's stage detections and times here as JSON (for rule studies)")
+    ap.add_argument("--replay", help="a --details JSON file of an earlier run: summarise its detections and times "
                     "(boxes mapped again with the current BOX_MAPPING) instead of running the detectors")
     args = ap.parse_args()
     if not Path(args.photos).is_dir():
@@ -44,7 +66,7 @@ def main() -> int:
         why = f"{choice.path} ({choice.loss}, {backend})"
     size = getattr(model, "input_size", None) or cfg["size"]
     keep: list | None = [] if args.details else None
-    replay = pickle.loads(Path(args.replay).read_bytes()) if args.replay else None  # only ever our own --details file
+    replay = details_from_json(Path(args.replay).read_text(encoding="utf-8")) if args.replay else None
     load_before = os.getloadavg()
     report, timing = photo_report(args.photos, model, choice.loss, size=size, margin=cfg["margin"],
                                   sigma=cfg["sigma"], decoder=best_decoder(choice.loss, cfg["decoder"]),
@@ -52,8 +74,8 @@ def main() -> int:
                                   replay=replay["photos"] if replay else None)
     load_after = os.getloadavg()
     if args.details:
-        Path(args.details).write_bytes(pickle.dumps({"photos": keep, "load_average_before": list(load_before),
-                                                     "load_average_after": list(load_after)}))
+        Path(args.details).write_text(details_to_json({"photos": keep, "load_average_before": list(load_before),
+                                                       "load_average_after": list(load_after)}), encoding="utf-8")
     if replay:  # the times are the earlier run's, and so is the load they were measured under
         load_before, load_after = replay["load_average_before"], replay["load_average_after"]
         timing["load_average_1min"] = float(load_after[0])

@@ -133,8 +133,7 @@ def photos_block(models: dict, report: dict, ev, *, size: int, margin: float, si
     decoder: the ``photos`` block of ``metrics/eval.json`` and the per-face CSV (``metrics/photos.csv``); the
     per-face arrays and the worst faces go into ``arrays`` (``data/eval/predictions.npz``, the plot stage's contact
     sheet). Needs dlib (the boxes, and the reference where a photo has no markup): else the block says why not."""
-    if notice is not None:
-        print(f"evaluate: no photos block: {notice}")
+    if notice is not None:  # the dlib notice was printed once already
         return {"skipped": notice}, "file,face,reference,box_source\n"
     photos = real_photos.photo_set(ev.photos, ev.photos_glob, cache=PHOTO_CACHE)
     block, csv_text, photo_arrays = real_photos.evaluate_photos(

@@ -27,8 +27,11 @@ def _commands() -> list[str]:
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     cmds = []
     for stage in dvc["stages"].values():
-        if "foreach" in stage:
-            cmds.append(stage["do"]["cmd"].replace("${item}", stage["foreach"][0]))
+        if "foreach" in stage:  # `${train.losses}`: the first loss of params.yaml's list
+            items = stage["foreach"]
+            if isinstance(items, str):
+                items = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]["losses"]
+            cmds.append(stage["do"]["cmd"].replace("${item}", items[0]))
         else:
             cmds.append(stage["cmd"])
     return cmds

@@ -284,7 +284,7 @@ def photos_report(photos: PhotoSet, nme: dict[str, np.ndarray], decoders: dict[s
         "reference_rule": "human markup beside the photo where present, else dlib's 68 points in dlib's box",
         "box_rule": "dlib's HOG box mapped to the training convention (as facemarks predict); markup box if dlib "
                     "misses a marked face",
-        "flip_test_time": flip,
+        "flip_test": flip,
     }
     for loss, values in nme.items():
         report[loss] = {**loss_summary(values, photos.faces), "decoder": decoders[loss]}
