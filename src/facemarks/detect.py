@@ -146,17 +146,22 @@ def dlib_available() -> bool:
     return True
 
 
-def cnn_model_path() -> Path | None:
-    """:data:`CNN_MODEL_FILE` in the ``models/`` folder of the installed :data:`CNN_MODEL_PACKAGE`
-    (``face-recognition-models``; located without importing it: its ``__init__`` needs ``pkg_resources``), or None."""
+def packaged_model(file: str, package: str) -> Path | None:
+    """``file`` in the ``models/`` folder of the installed ``package`` (``face_recognition_models`` for dlib's model
+    files; located without importing it: its ``__init__`` needs ``pkg_resources``), or None."""
     try:
-        spec = importlib.util.find_spec(CNN_MODEL_PACKAGE)
+        spec = importlib.util.find_spec(package)
     except (ImportError, ValueError):
         return None
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "models" / CNN_MODEL_FILE
+    path = Path(list(spec.submodule_search_locations)[0]) / "models" / file
     return path if path.is_file() else None
+
+
+def cnn_model_path() -> Path | None:
+    """:data:`CNN_MODEL_FILE` of the installed :data:`CNN_MODEL_PACKAGE` (``face-recognition-models``), or None."""
+    return packaged_model(CNN_MODEL_FILE, CNN_MODEL_PACKAGE)
 
 
 def cnn_available() -> bool:

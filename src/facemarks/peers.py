@@ -8,7 +8,6 @@ dlib rectangles have inclusive right/bottom edges: ``right = left + width - 1``.
 """
 from __future__ import annotations
 
-import importlib.util
 import time
 from pathlib import Path
 
@@ -22,14 +21,9 @@ MODEL_FILE = "shape_predictor_68_face_landmarks.dat"
 
 def _model_path() -> Path | None:
     """Path of dlib's 68-point ``.dat`` inside the installed ``face_recognition_models`` package, or None."""
-    try:
-        spec = importlib.util.find_spec("face_recognition_models")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "models" / MODEL_FILE
-    return path if path.is_file() else None
+    from facemarks.detect import packaged_model
+
+    return packaged_model(MODEL_FILE, "face_recognition_models")
 
 
 def unavailable_reason() -> str:
