@@ -212,6 +212,7 @@ def photo_set(folder: str | Path | None, pattern: str = "", key: str = PHOTOS_KE
     from facemarks.detect import map_box
     from facemarks.io import read_image
     from facemarks.peers import Dlib68
+    from facemarks.sources import file_sha256
     from facemarks.synthetic import face_box
 
     dlib = Dlib68()
@@ -219,7 +220,7 @@ def photo_set(folder: str | Path | None, pattern: str = "", key: str = PHOTOS_KE
         files = photo_files(folder, pattern, key)
         markup = human_markup(folder, files)
         images = {p.name: read_image(p) for p in files}
-        hashes = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+        hashes = {p.name: file_sha256(p) for p in files}
     else:
         images = {f"{name}.png": load_portrait(name) for name in PORTRAITS}
         markup = {}
@@ -330,20 +331,16 @@ def worst_faces(photos: PhotoSet, points: np.ndarray, nme: np.ndarray, n: int = 
     ``photos_crops (M, size, size)`` uint8 around each face's box, the reference ``photos_ref (M, 68, 2)`` and the
     prediction ``photos_pred (M, 68, 2)`` in crop px, ``photos_nme (M,)`` % and ``photos_label (M,)`` text
     (``file#face (reference)``)."""
-    from facemarks.augment import face_crop
+    from facemarks.augment import apply_transform, face_crop
 
     order = [int(i) for i in np.argsort(-np.nan_to_num(np.asarray(nme, np.float64), nan=-1.0))[:n]]
     crops, refs, preds = [], [], []
-
-    def to_crop(T: np.ndarray, pts: np.ndarray) -> np.ndarray:
-        return pts @ T[:2, :2].T + T[:2, 2]
-
     for i in order:
         face = photos.faces[i]
         crop, T = face_crop(photos.images[face.file], face.box, size, margin)
         crops.append(crop)
-        refs.append(to_crop(T, face.points))
-        preds.append(to_crop(T, np.asarray(points[i], np.float64)))
+        refs.append(apply_transform(face.points, T))
+        preds.append(apply_transform(points[i], T))
     empty = np.zeros((0, 68, 2))
     return {"photos_crops": np.stack(crops) if crops else np.zeros((0, size, size), np.uint8),
             "photos_ref": np.stack(refs) if refs else empty, "photos_pred": np.stack(preds) if preds else empty,
