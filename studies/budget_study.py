@@ -1,7 +1,7 @@
 """Queue the MSE vs BCE budget study as DVC experiments (budgets x training seeds) and start the queue.
 
     python studies/budget_study.py --study NAME [--budgets default epochs3x size128] [--seeds 0 1 2]
-                                   [--jobs 1] [--wait] [--no-start] [--dry-run]
+                                   [--losses awing] [--jobs 1] [--wait] [--no-start] [--dry-run]
 
 Each (budget, seed) is one ``dvc exp run --queue -n <study>-<budget>-s<seed> -S base.study=<study>
 -S train.seed=<seed> -S <budget overrides>``; then ``dvc queue start -j <jobs>``. Every MLflow run of these
@@ -12,6 +12,10 @@ Budgets: a name from :data:`BUDGETS`, or ``NAME:KEY=VALUE[,KEY=VALUE...]`` for a
 ``size96:augment.size=96``. ``base.study`` is a train/evaluate param, so every experiment retrains even where the
 run-cache holds the same params (and logs fresh MLflow runs); data and targets are rebuilt only when a budget changes
 them (``augment.size``).
+
+``--losses awing`` trains only those losses (``-S train.losses=[awing]``) and names the experiments
+``<study>-<budget>-awing-s<seed>``: a loss added to a study later runs next to the rows already there, and
+``studies/study_report.py`` reads the budget from either name.
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ import sys
 import time
 
 import yaml
+
+from facemarks.params import LOSS_NAMES
 
 BUDGETS: dict[str, tuple[str, ...]] = {
     "default": (),  # params.yaml as it is
@@ -53,13 +59,17 @@ def study_name(text: str) -> str:
 
 
 def commands(study: str, budgets: list[tuple[str, tuple[str, ...]]], seeds: list[int], jobs: int,
-             start: bool = True) -> list[list[str]]:
-    """The ``dvc`` command lines, in order: one queued experiment per (budget, seed), then the queue start."""
+             start: bool = True, losses: tuple[str, ...] = ()) -> list[list[str]]:
+    """The ``dvc`` command lines, in order: one queued experiment per (budget, seed), then the queue start.
+    ``losses``: train only these (``train.losses``), named ``<study>-<budget>-<loss>[-<loss>...]-s<seed>``."""
     out = []
+    tag = "".join(f"-{loss}" for loss in losses)
     for name, overrides in budgets:
         for seed in seeds:
-            cmd = ["dvc", "exp", "run", "--queue", "-n", f"{study}-{name}-s{seed}", "-S", f"base.study={study}",
+            cmd = ["dvc", "exp", "run", "--queue", "-n", f"{study}-{name}{tag}-s{seed}", "-S", f"base.study={study}",
                    "-S", f"train.seed={seed}"]
+            if losses:
+                cmd += ["-S", f"train.losses=[{','.join(losses)}]"]
             for o in overrides:
                 cmd += ["-S", o]
             out.append(cmd)
@@ -80,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", nargs="+", type=parse_budget, default=[parse_budget(b) for b in BUDGETS],
                         metavar="BUDGET", help=f"budget names ({', '.join(BUDGETS)}) or NAME:KEY=VALUE,...")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (train.seed)")
+    parser.add_argument("--losses", nargs="+", choices=LOSS_NAMES, default=[],
+                        help="train only these losses (default: train.losses of params.yaml)")
     parser.add_argument("--jobs", type=int, default=1, help="parallel queue workers (default 1: 2 cores)")
     parser.add_argument("--no-start", action="store_true", help="queue only; start later with `dvc queue start`")
     parser.add_argument("--wait", action="store_true",
@@ -88,8 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if len({name for name, _ in args.budgets}) != len(args.budgets) or len(set(args.seeds)) != len(args.seeds):
         parser.error("budget names and seeds must not repeat")
+    if len(set(args.losses)) != len(args.losses):
+        parser.error("losses must not repeat")
 
-    for cmd in commands(args.study, args.budgets, args.seeds, args.jobs, start=not args.no_start):
+    for cmd in commands(args.study, args.budgets, args.seeds, args.jobs, start=not args.no_start,
+                        losses=tuple(args.losses)):
         print(" ".join(cmd), flush=True)
         if not args.dry_run:
             subprocess.run(cmd, check=True)

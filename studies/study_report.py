@@ -62,11 +62,17 @@ def store_rows(study: str, experiment: str | None = None, tracking_uri: str | No
 
 
 def budget_name(exp_name: str, study: str, seed: int | None) -> str:
-    """``<budget>`` of an experiment named ``<study>-<budget>-s<seed>`` (``studies/budget_study.py``), else ''."""
+    """``<budget>`` of an experiment named ``<study>-<budget>[-<loss>...]-s<seed>`` (``studies/budget_study.py``;
+    the loss segments name an experiment that trained only those losses), else ''."""
+    from facemarks.params import LOSS_NAMES
+
     prefix, suffix = f"{study}-", f"-s{seed}"
-    if exp_name.startswith(prefix) and exp_name.endswith(suffix):
-        return exp_name[len(prefix):-len(suffix)]
-    return ""
+    if not (exp_name.startswith(prefix) and exp_name.endswith(suffix)):
+        return ""
+    parts = exp_name[len(prefix):-len(suffix)].split("-")
+    while len(parts) > 1 and parts[-1] in LOSS_NAMES:
+        parts.pop()
+    return "-".join(parts)
 
 
 def read_rows(path: Path) -> list[dict]:

@@ -228,8 +228,20 @@ def test_budget_study_queues_budgets_times_seeds_then_starts_the_queue(capsys):
     assert capsys.readouterr().out.splitlines()[:2] == [
         "dvc exp run --queue -n b1-size96-s4 -S base.study=b1 -S train.seed=4 -S augment.size=96",
         "then: python studies/study_report.py --study b1"]
+    # a loss added to a study later: only that loss trains, and the report reads the budget back from the name
+    assert study.main(["--study", "b1", "--budgets", "size96:augment.size=96", "--seeds", "0", "--losses", "awing",
+                       "--no-start", "--dry-run"]) == 0
+    (line, _) = capsys.readouterr().out.splitlines()
+    assert line == ("dvc exp run --queue -n b1-size96-awing-s0 -S base.study=b1 -S train.seed=0 "
+                    "-S train.losses=[awing] -S augment.size=96")
+    report = load_script("study_report")
+    assert report.budget_name("b1-size96-awing-s0", "b1", 0) == "size96"
+    assert report.budget_name("b1-size96-s0", "b1", 0) == "size96"
+    assert report.budget_name("b1-awing-s0", "b1", 0) == "awing"  # a budget may itself be named like a loss
+    assert report.budget_name("other-size96-s0", "b1", 0) == ""
     for bad in (["--study", "off"], ["--study", "b1", "--budgets", "huge"], ["--study", "b 1"],
-                ["--study", "b1", "--seeds", "1", "1"]):
+                ["--study", "b1", "--seeds", "1", "1"], ["--study", "b1", "--losses", "l1"],
+                ["--study", "b1", "--losses", "mse", "mse"]):
         with pytest.raises(SystemExit):
             study.main([*bad, "--dry-run"])
 
