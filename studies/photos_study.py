@@ -274,11 +274,52 @@ def report() -> None:
             portraits = float(np.mean([m["portraits"].get("mean", np.nan) for m in ms]))
             lines.append(f"| {n} | {len(ms)} | {mean('val_nme_median'):.2f} | {mean('val_mapped_nme_median'):.2f} | "
                          f"{portraits:.2f} | {mean('synthetic_test_nme_median'):.2f} |")
+        lines += gain_lines(by_n)
     lines += ["", "Machine: 2 CPU cores shared with several other trainings (the `load` column: 1-min load average when "
               "the row finished); train seconds are no speed benchmark. Figure: `curve.png`."]
     REPORT.mkdir(parents=True, exist_ok=True)
     (REPORT / "README.md").write_text("\n".join(lines) + "\n")
     _figure(budgets)
+
+
+def gain_lines(by_n: dict[int, list[dict]]) -> list[str]:
+    """What N photos gain over N = 0 (the synthetic default) on the validation faces, three ways: the per-seed
+    difference of the medians (mean over seeds, Student t interval over seeds: :func:`facemarks.stats.seed_interval`),
+    the per-face paired difference (each face's NME averaged over the seeds of a setting, percentile bootstrap over
+    faces: :func:`facemarks.stats.paired_comparison`; faces of one photo are not independent, so this interval is the
+    optimistic one), and the least-squares slope of the per-seed medians against N (NME points per 10 photos)."""
+    from facemarks.stats import paired_comparison, seed_interval
+
+    base = by_n.get(0)
+    if not base or len(by_n) < 2:
+        return []
+
+    def per_face(rows: list[dict]) -> np.ndarray:  # (F,) mean over seeds of each validation face's NME
+        return np.mean([r["measured"]["val_nme_per_face"] for r in rows], axis=0)
+
+    files = base[0]["measured"]["val_files"]
+    by_seed0 = {r["train_seed"]: r["measured"]["val_nme_median"] for r in base}
+    lines = ["", "What the photos gain over N = 0 on the validation faces (negative: lower error with the photos):", "",
+             "| N photos | seeds paired | Δ median, per seed (mean [95 % CI over seeds]) | Δ per face (mean NME, "
+             "[95 % bootstrap CI over faces]) |", "|---|---|---|---|"]
+    for n in sorted(k for k in by_n if k):
+        rows = by_n[n]
+        if any(r["measured"]["val_files"] != files for r in rows + base):
+            lines.append(f"| {n} | – | other validation faces than N = 0: not paired | – |")
+            continue
+        seeds = sorted(set(by_seed0) & {r["train_seed"] for r in rows})
+        d = seed_interval([next(r for r in rows if r["train_seed"] == s)["measured"]["val_nme_median"] - by_seed0[s]
+                           for s in seeds])
+        ci = "" if not np.isfinite(d["ci_low"]) else f" [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]"
+        c = paired_comparison(per_face(rows), per_face(base), names=(f"n{n}", "n0"))
+        lines.append(f"| {n} | {len(seeds)} | {d['mean']:+.2f}{ci} | {c.mean_delta:+.2f} [{c.ci_low:+.2f}, "
+                     f"{c.ci_high:+.2f}] (n = {c.n} faces) |")
+    ns = np.array([n for n in by_n for _ in by_n[n]], float)
+    medians = np.array([r["measured"]["val_nme_median"] for n in by_n for r in by_n[n]])
+    slope = float(np.polyfit(ns, medians, 1)[0])
+    lines += ["", f"Least-squares slope of the validation median over N = {', '.join(map(str, sorted(by_n)))} "
+              f"(every seed a point): **{10 * slope:+.2f} NME points per 10 photos** added."]
+    return lines
 
 
 def _figure(budgets: dict[str, dict[int, list[dict]]]) -> None:
