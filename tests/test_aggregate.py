@@ -274,3 +274,26 @@ def test_three_losses_pair_every_loss_over_seeds(store):
     assert "better than every other loss: AWING" in text
     awing_row = next(line for line in text.splitlines() if line.strip().startswith("awing "))
     assert awing_row.split()[4:6] == ["3", "3"]  # n seeds, seeds won against both others
+
+
+def test_photos_study_gain_pairs_each_setting_with_the_synthetic_default():
+    """The photos study's gain table: per-seed medians against N = 0's, per-face differences, and the slope per
+    10 photos from every seed's point; a setting scored on other faces is not paired."""
+    study = load_script("photos_study")
+    files = ["a.jpg", "a.jpg", "b.jpg", "c.jpg"]
+
+    def row(n: int, seed: int, faces: list[float], val_files=files) -> dict:
+        return {"n_photos": n, "train_seed": seed, "measured": {
+            "val_nme_per_face": faces, "val_files": val_files, "val_nme_median": float(np.median(faces))}}
+
+    by_n = {0: [row(0, 0, [10, 12, 14, 16]), row(0, 1, [11, 13, 15, 17])],
+            20: [row(20, 0, [8, 10, 12, 14]), row(20, 1, [10, 12, 14, 16])],
+            40: [row(40, 0, [9, 9, 9, 9], ["a.jpg", "b.jpg", "c.jpg", "d.jpg"])]}
+    lines = study.gain_lines(by_n)
+    (n20,) = [line for line in lines if line.startswith("| 20 |")]
+    # medians: N=0 13, 14; N=20 11, 13 -> per-seed -2, -1 (mean -1.5); per face: (9,11,13,15) - (10.5,...) = -1.5
+    assert n20.startswith("| 20 | 2 | -1.50 [") and "| -1.50 [-1.50, -1.50] (n = 4 faces) |" in n20
+    assert any(line.startswith("| 40 | – | other validation faces") for line in lines)
+    slope = np.polyfit([0, 0, 20, 20, 40], [13, 14, 11, 13, 9], 1)[0]
+    assert f"**{10 * slope:+.2f} NME points per 10 photos**" in lines[-1]
+    assert study.gain_lines({0: by_n[0]}) == []
