@@ -263,3 +263,33 @@ def test_download_stage_with_the_photos_source(folder, tmp_path):
     assert len(list((repo / "data/cache/teacher").glob("*.json"))) == 3
     assert r1 == r2 and r1["n_faces"] == 3  # dlib's realism check scores the synthetic test faces, not its own labels
     assert (repo / "data/raw" / teacher.RECORD).is_file()
+
+
+def test_exp_run_with_the_photos_source_labels_mixes_trains_and_evaluates(folder, tiny_repo, tmp_path):
+    """What a user types: `dvc exp run -S data.source=photos -S data.photos.path=<folder>` on the tiny preset labels
+    the photos, mixes them with the synthetic faces, trains both losses and evaluates, the test faces from the photos
+    counted as teacher-scored; pointing `evaluate.photos` at the training photos is then refused by image hash."""
+    from conftest import DVC, sh
+
+    repo = tmp_path / "photos-exp"
+    shutil.copytree(tiny_repo, repo, symlinks=True)
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "tiny reproduction", check=False)
+    seed = _seed_with_a_portrait_in_each_split(folder, 0.34)
+    proc = sh(repo, *DVC, "exp", "run", "-n", "own-photos", "-S", "data.source=photos",
+              "-S", f"data.photos.path={folder}", "-S", "data.photos.test_fraction=0.34",
+              "-S", f"base.seed={seed}", "-S", "data.photos.synthetic=6", "-S", "data.photos.repeat=2")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    download = json.loads((repo / "metrics/download.json").read_text())
+    assert download["source"] == "photos" and download["teacher"]["n_faces_labelled"] >= 2
+    record = json.loads((repo / "data/raw" / teacher.RECORD).read_text())
+    assert {e["split"] for e in record["images"].values()} == {"train", "test"}
+    assert {f["teacher"] for e in record["images"].values() for f in e["faces"]} == {"dlib68"}
+    train = read_dlib_xml(repo / "data/raw/train.xml")
+    photo_items = [item for item in train if item.file.startswith("images/photos/")]
+    assert len(train) - len(photo_items) == 6 and photo_items and len(photo_items) % 2 == 0  # repeat 2
+    ev = json.loads((repo / "metrics/eval.json").read_text())
+    assert ev["test_reference"]["teacher"] >= 1 and ev["mse"]["nme_io"] > 0 and ev["bce"]["nme_io"] > 0
+    # the real-photo evaluation must not contain a training photo: refused before any work, one line naming the key
+    proc = sh(repo, *DVC, "exp", "run", "-n", "cheat", "-S", f"evaluate.photos={folder}", check=False)
+    assert proc.returncode != 0 and "evaluate.photos" in proc.stdout + proc.stderr
