@@ -17,6 +17,7 @@ from facemarks.io import read_dlib_xml
 from facemarks.params import load_params
 from facemarks.runner import run
 from facemarks.timings import split_timings, write_timings
+from facemarks.tracking import numeric_leaves, start_run
 
 RAW = Path("data/raw")
 REALISM_TIMINGS = ("dlib_ms_per_face",)  # wall clock: timings/download.json and MLflow, not metrics/realism.json
@@ -41,7 +42,6 @@ def main() -> None:
     atomic_write_json("metrics/realism.json", quality)
     write_timings("download", {**timing, **run_facts.get("run", {})}, merge=False)
 
-    from facemarks.tracking import numeric_leaves, start_run
     import mlflow
 
     run_params = {"base": dataclasses.asdict(params.base), "data": dataclasses.asdict(params.data)}

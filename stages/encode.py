@@ -8,38 +8,22 @@ logs the table to an MLflow run named "encode".
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
 
 from facemarks import codec
-from facemarks.atomic import atomic_dir, atomic_write_json
+from facemarks.atomic import atomic_write_json
 from facemarks.io import DataError
 from facemarks.model import STRIDE
 from facemarks.params import load_params
 from facemarks.runner import run
 from facemarks.store import read_split
+from facemarks.tracking import start_run
 
 SPLITS = ("train", "val", "test")
 OUT = Path("data/heatmaps")
 ROUNDTRIP = Path("metrics/roundtrip.json")
-
-
-def write_heatmaps(splits: dict, hm: codec.HeatmapCodec, enc, out: Path) -> dict:
-    """Write ``out/{split}.npy``, ``out/{split}_weights.npy`` and ``out/meta.json`` (the folder appears whole);
-    returns the counts per split. The bytes depend on the data alone (tests/test_repro_bytes.py)."""
-    size = hm.input_size
-    with atomic_dir(out) as tmp:
-        counts = {}
-        for name, split in splits.items():
-            weights = codec.encode_to_npy(tmp / f"{name}.npy", split.points, split.visible, hm, enc.dtype)
-            np.save(tmp / f"{name}_weights.npy", weights, allow_pickle=False)  # the folder is atomic
-            counts[name] = {"n": len(weights), "encoded_points": int(weights.sum())}
-        meta = {"sigma": enc.sigma, "input_size": size, "heatmap_size": hm.heatmap_size, "stride": hm.stride,
-                "dtype": enc.dtype, "splits": counts}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
-    return counts
 
 
 def main() -> None:
@@ -50,7 +34,7 @@ def main() -> None:
     if size % STRIDE:
         raise DataError(f"data/augmented/train/meta.json: size {size} is not a multiple of the model stride {STRIDE}")
     hm = codec.HeatmapCodec(size, size // STRIDE, enc.sigma)
-    counts = write_heatmaps(splits, hm, enc, OUT)
+    counts = codec.write_heatmaps(splits, hm, enc.dtype, OUT)
 
     dtypes = tuple(dict.fromkeys(("float32", enc.dtype)))
     rng = np.random.default_rng(params.base.seed)
@@ -65,8 +49,6 @@ def main() -> None:
     atomic_write_json(ROUNDTRIP, table)
 
     import mlflow
-
-    from facemarks.tracking import start_run
 
     run_params = {"encode": dataclasses.asdict(enc), "base": dataclasses.asdict(params.base)}
     with start_run("encode", run_name="encode", params=run_params):

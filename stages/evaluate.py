@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from facemarks import evaluation, real_photos
+from facemarks import detect, detect_eval, evaluation, peers, real_photos, registry
 from facemarks.atomic import atomic_dir, atomic_write_json, atomic_write_text, save_npz_stable
 from facemarks.codec import DECODERS
+from facemarks.device import resolve_device
 from facemarks.inference import time_per_face
-from facemarks.io import read_dlib_xml
+from facemarks.io import photo_files, read_dlib_xml
 from facemarks.metrics import ced_csv
 from facemarks.model import load_model
 from facemarks.params import load_params
@@ -26,19 +27,12 @@ from facemarks.timings import split_timings, write_timings
 # wall clock, per model row: timings/evaluate.json (untracked) and MLflow, not metrics/eval.json
 EVAL_TIMINGS = ("ms_per_face_b1", "ms_per_face_batched", "ms_per_face",
                 "onnx_ms_per_face_b1", "onnx_ms_per_face_batched")
-from facemarks.train import resolve_device
-
-PHOTO_CACHE = "data/cache/photo_refs"  # dlib's detections and points per photo, by SHA-256 (untracked side cache)
 
 
 def peers_notice(wanted: bool) -> str | None:
     """None when the dlib row can run, else the one-line reason it is skipped."""
     if not wanted:
         return "evaluate.peers is false"
-    try:
-        from facemarks import peers
-    except ImportError as exc:
-        return f"facemarks.peers cannot be imported ({exc})"
     return None if peers.available() else peers.unavailable_reason()
 
 
@@ -46,7 +40,7 @@ def main() -> None:
     params = load_params()
     ev, sigma, device, losses = params.evaluate, params.encode.sigma, resolve_device("auto"), params.train.losses
     # before any work: the real-photo folder exists, holds images, and none of them is a training photo
-    photo_paths = real_photos.photo_files(ev.photos, ev.photos_glob) if ev.photos else []
+    photo_paths = photo_files(ev.photos, ev.photos_glob) if ev.photos else []
     check_no_overlap(photo_paths, training_photo_hashes("data/raw"))
     test, train = read_split("data/augmented/test"), read_split("data/augmented/train")
     report, models = {"losses": list(losses)}, {}
@@ -119,7 +113,7 @@ def main() -> None:
     atomic_write_json("metrics/eval.json", quality)
     write_timings("evaluate", timing)
     evaluation.log_eval_mlflow(report, losses)
-    register_winner(quality)
+    registry.register_winner(quality)
     for name in (*losses, "mean_shape", "dlib68"):
         if name in report:
             r = report[name]
@@ -135,7 +129,7 @@ def photos_block(models: dict, report: dict, ev, *, size: int, margin: float, si
     sheet). Needs dlib (the boxes, and the reference where a photo has no markup): else the block says why not."""
     if notice is not None:  # the dlib notice was printed once already
         return {"skipped": notice}, "file,face,reference,box_source\n"
-    photos = real_photos.photo_set(ev.photos, ev.photos_glob, cache=PHOTO_CACHE)
+    photos = real_photos.photo_set(ev.photos, ev.photos_glob, cache=real_photos.PHOTO_CACHE)
     block, csv_text, photo_arrays = real_photos.evaluate_photos(
         models, {loss: report[loss]["best_decoder"] for loss in models}, photos, size=size, margin=margin,
         sigma=sigma, flip=ev.flip_test, seed=seed)
@@ -152,8 +146,6 @@ def detect_photos(folder: str, model, loss: str, **kw) -> tuple[dict, dict]:
     """The ``photos`` block of ``metrics/detect.json`` (:func:`facemarks.detect_eval.photo_report`: per detector
     setting, faces found, missed against the union of the others, likely false positives) and its timings; without
     dlib's CNN model (the peers extra) a one-line ``skipped``."""
-    from facemarks import detect, detect_eval
-
     if not detect.cnn_available():
         print("evaluate: no photos block in metrics/detect.json: dlib's CNN face detector is not installed")
         return {"skipped": "dlib's CNN face detector (peers extra) is not installed"}, {}
@@ -166,43 +158,6 @@ def test_references(test) -> dict[str, int]:
     files = test.meta.get("files", [])
     taught = int(teacher_mask("data/raw", files).sum()) if len(files) == len(test.boxes) else 0
     return {"teacher": taught, "ground_truth": int(len(test.boxes)) - taught}
-
-
-def register_winner(report: dict) -> None:
-    """Register the evaluated winner (when the comparison names none: MSE, or the first loss of a list without MSE,
-    :func:`facemarks.predict.fallback_loss`) as a new version of ``facemarks``: the model
-    that the train run tagged with ``models/<loss>/model.pt``'s md5 logged. ``dvc repro`` moves the alias
-    ``champion`` to it; a DVC experiment (``dvc exp run``, the queue) only registers its version, tagged with its
-    name, and leaves ``champion`` alone. Tags the evaluate run with the md5 of ``metrics/eval.json`` (the plot stage
-    logs the figures to that run). Without that train run in the store (another store, a deleted run) it says so in
-    one line and registers nothing."""
-    import os
-
-    from facemarks import tracking
-
-    loss = report.get("winner") or fallback_loss(report.get("losses") or ("mse",))
-    experiment = os.environ.get("DVC_EXP_NAME", "")
-    eval_run = tracking.opened_run_id("evaluate")
-    client_tags = {tracking.EVAL_HASH_TAG: tracking.file_md5("metrics/eval.json")}
-    train_run = tracking.find_run({tracking.MODEL_HASH_TAG: tracking.file_md5(f"models/{loss}/model.pt")})
-    if train_run is None:
-        print(f"evaluate: not registered: no MLflow train run logged models/{loss}/model.pt "
-              f"in {tracking.tracking_uri()}")
-    else:
-        version = tracking.register_champion(train_run, tags={
-            "loss": loss, "decoder": report[loss]["best_decoder"], "test_nme": f"{report[loss]['nme_io']:.4f}",
-            "winner": str(report.get("winner")), tracking.PIPELINE_TAG: tracking.pipeline_id(),
-            **({"dvc.exp_name": experiment} if experiment else {})},
-            alias=None if experiment else tracking.CHAMPION_ALIAS)
-        client_tags["registered"] = f"{version.name}/{version.version}"
-        where = f"experiment {experiment}: champion unchanged" if experiment else f"@{tracking.CHAMPION_ALIAS}"
-        print(f"evaluate: registered {loss} as models:/{version.name}/{version.version} ({where}; run {train_run})")
-    if eval_run is not None:
-        import mlflow
-
-        client = mlflow.MlflowClient(tracking.tracking_uri())
-        for key, value in client_tags.items():
-            client.set_tag(eval_run, key, value)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from facemarks import export
+from facemarks import export, peers, real_photos
 from facemarks.atomic import atomic_write_json
 from facemarks.evaluation import train_run_id
 from facemarks.model import load_model
@@ -19,24 +19,17 @@ from facemarks.params import load_params
 from facemarks.runner import run
 from facemarks.runtime import OnnxHeatmaps
 from facemarks.store import read_split
-
-PHOTO_CACHE = "data/cache/photo_refs"  # dlib's detections and points per photo (stages/evaluate.py shares it)
+from facemarks.tracking import start_run
 
 
 def photo_items(params) -> tuple[list | None, str]:
     """``(image, box, reference points)`` of every face of ``evaluate.photos`` (:func:`facemarks.real_photos.photo_set`)
     for the int8 guard, and a one-line description; None when dlib is not there to give boxes and references."""
-    from facemarks import real_photos
-
-    try:
-        from facemarks import peers
-    except ImportError as exc:
-        return None, f"no real photos ({exc})"
     if not params.evaluate.peers or not peers.available():
         return None, "no real photos (" + ("evaluate.peers is false" if not params.evaluate.peers
                                            else peers.unavailable_reason()) + ")"
     ev = params.evaluate
-    photos = real_photos.photo_set(ev.photos, ev.photos_glob, cache=PHOTO_CACHE)
+    photos = real_photos.photo_set(ev.photos, ev.photos_glob, cache=real_photos.PHOTO_CACHE)
     items = [(photos.images[f.file], f.box, f.points) for f in photos.faces]
     return items or None, f"{len(items)} real-photo faces of {ev.photos or 'the bundled portraits'}"
 
@@ -76,8 +69,6 @@ def main() -> None:
     atomic_write_json("metrics/export.json", report)
 
     import mlflow
-
-    from facemarks.tracking import start_run
 
     for loss in losses:  # into the train run; a fresh `<loss>-export` run only when that run is gone
         with start_run("export", f"{loss}-export", run_id=train_run_id(loss), tags={"loss": loss}):

@@ -16,7 +16,7 @@ from facemarks.model import load_model
 from facemarks.params import load_params
 from facemarks.runner import run
 from facemarks.store import read_split
-from facemarks.tracking import start_run
+from facemarks.tracking import EVAL_HASH_TAG, file_md5, find_run, start_run, tracking_uri
 
 OUT = Path("reports/eval")
 
@@ -56,7 +56,7 @@ def main() -> None:
                                             "(green: reference, red: predicted)")
             plots.save_figure(fig, tmp / "photos_worst.png", p.dpi)
         (tmp / "README.md").write_text(plots.summary_markdown(report), encoding="utf-8")
-    with start_run("plot", "plot", tags={"winner": report["winner"] or "none"}) as active:
+    with start_run("plot", "plot", tags={"winner": report["winner"] or "none"}):
         active_log_artifacts(OUT)
     print(f"plot: wrote {len(list(OUT.iterdir()))} files to {OUT}/")
 
@@ -78,8 +78,6 @@ def astronaut(report: dict, pred: dict):
 def evaluate_run() -> str | None:
     """The MLflow evaluate run that wrote this ``metrics/eval.json`` (its ``facemarks.eval_md5`` tag): the figures go
     there, beside the numbers they show; None when the store has no such run."""
-    from facemarks.tracking import EVAL_HASH_TAG, file_md5, find_run
-
     return find_run({EVAL_HASH_TAG: file_md5("metrics/eval.json")})
 
 
@@ -87,8 +85,6 @@ def active_log_artifacts(folder: Path) -> None:
     """The figures go to the evaluate run (:func:`evaluate_run`), tagged ``evaluate_run`` on the active plot run;
     into the plot run itself only when the store has no such evaluate run."""
     import mlflow
-
-    from facemarks.tracking import tracking_uri
 
     target = evaluate_run()
     if target is None:

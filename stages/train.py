@@ -13,10 +13,12 @@ from pathlib import Path
 import torch.distributed as dist
 
 from facemarks import train
+from facemarks.device import resolve_device
 from facemarks.model import LOSSES
 from facemarks.params import load_params
 from facemarks.runner import run
 from facemarks.timings import write_timings
+from facemarks.tracking import start_run
 
 
 def main() -> None:
@@ -29,7 +31,7 @@ def main() -> None:
     if loss not in params.train.losses:
         raise SystemExit(f"train@{loss}: {loss} is not in train.losses = {list(params.train.losses)}")
     cfg = train.TrainConfig.from_params(params.train, params.base, params.encode)
-    device = train.resolve_device(params.train.device)
+    device = resolve_device(params.train.device)
     rank, world = train.init_distributed(device)
     data = train.load_data("data/augmented", "data/heatmaps")
     checkpoint_dir = Path("checkpoints") / loss
@@ -37,8 +39,6 @@ def main() -> None:
     if rank != 0:
         train.fit(cfg, data, loss, checkpoint_dir, device)
     else:
-        from facemarks.tracking import start_run
-
         previous = train.load_checkpoint(checkpoint_dir, train.fingerprint(cfg, data, loss))
         run_params = {"loss": loss, "base": dataclasses.asdict(params.base), "train": train_params(params.train),
                       "encode": {"sigma": cfg.sigma, "decoder": cfg.decoder}, "world_size": world,

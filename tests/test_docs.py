@@ -328,3 +328,15 @@ def test_a_wrong_dvc_exp_run_set_is_caught(tmp_path):
     apply_overrides(params, ["train.lr=-1"])
     with pytest.raises(ParamsError):
         load_params(params)
+
+
+def test_design_module_table_lists_every_module():
+    """docs/design.md's module table names every module of src/facemarks/ that git tracks (what a fresh clone has)
+    and no module that is gone."""
+    table = set(re.findall(r"^\| `(\w+)` \|", (ROOT / "docs" / "design.md").read_text(encoding="utf-8").split(
+        "## Modules", 1)[1].split("\n## ", 1)[0], re.M))
+    tracked = tracked_files()
+    files = (ROOT / "src" / "facemarks").glob("*.py")
+    modules = {p.stem for p in files if p.stem != "__init__"
+               and (tracked is None or str(p.relative_to(ROOT)) in tracked)}
+    assert table == modules, f"not in docs/design.md: {sorted(modules - table)}; gone: {sorted(table - modules)}"

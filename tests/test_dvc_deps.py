@@ -142,3 +142,31 @@ def test_the_deps_check_sees_transitive_imports():
     script = stage_script(dvc_stages()["evaluate"])
     assert SRC / PACKAGE / "landmarks.py" in transitive_files(script)
     assert "facemarks.landmarks" not in module_level_deps(script)
+
+
+def test_no_facemarks_import_inside_a_function():
+    files = library_modules() + sorted((ROOT / "stages").glob("*.py"))
+    inside = [f"{p.relative_to(ROOT)}:{line} imports {name}" for p in files for name, line, fn in imports_of(p) if fn]
+    assert not inside, "facemarks imports inside functions (move them to the top of the module):\n" + "\n".join(inside)
+
+
+def test_no_import_cycle_among_facemarks_modules():
+    graph = {module_name(p): module_level_deps(p, with_packages=False) - {module_name(p)} for p in library_modules()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(name: str) -> list[str] | None:
+        state[name] = 1
+        path.append(name)
+        for dep in sorted(graph.get(name, ())):
+            if state.get(dep) == 1:
+                return path[path.index(dep):] + [dep]
+            if dep not in state and (cycle := visit(dep)):
+                return cycle
+        state[name] = 2
+        path.pop()
+        return None
+
+    for name in sorted(graph):
+        if name not in state and (cycle := visit(name)):
+            pytest.fail("import cycle: " + " -> ".join(cycle))

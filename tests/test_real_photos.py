@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from facemarks import peers, real_photos
+from facemarks import io, peers, real_photos
 from facemarks.landmarks import inter_ocular
 
 
@@ -55,15 +55,15 @@ def _write_portraits(folder: Path) -> dict[str, np.ndarray]:
 
 
 def test_a_missing_or_imageless_folder_fails_naming_the_key(tmp_path):
-    with pytest.raises(real_photos.PhotosError, match=r"^evaluate\.photos: .*nowhere is not a folder"):
-        real_photos.photo_files(tmp_path / "nowhere")
+    with pytest.raises(io.PhotosError, match=r"^evaluate\.photos: .*nowhere is not a folder"):
+        io.photo_files(tmp_path / "nowhere")
     (tmp_path / "notes.txt").write_text("no photos here")
-    with pytest.raises(real_photos.PhotosError, match=r"^evaluate\.photos: .* holds no image"):
-        real_photos.photo_files(tmp_path)
+    with pytest.raises(io.PhotosError, match=r"^evaluate\.photos: .* holds no image"):
+        io.photo_files(tmp_path)
     (tmp_path / "a.png").write_bytes(b"")
-    with pytest.raises(real_photos.PhotosError, match=r"holds no image matching '\*\.jpg'"):
-        real_photos.photo_files(tmp_path, "*.jpg")
-    assert [p.name for p in real_photos.photo_files(tmp_path)] == ["a.png"]
+    with pytest.raises(io.PhotosError, match=r"holds no image matching '\*\.jpg'"):
+        io.photo_files(tmp_path, "*.jpg")
+    assert [p.name for p in io.photo_files(tmp_path)] == ["a.png"]
 
 
 @needs_dlib

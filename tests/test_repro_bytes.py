@@ -1,7 +1,7 @@
 """The data stages write the same bytes on any x86-64 CPU (issue 22).
 
 A driver (this file run as a script) runs what the stages ``download``, ``augment`` and ``encode`` run
-(``sources.fetch``, ``augment.run_augment`` and ``stages/encode.py``'s ``write_heatmaps``) on the tiny preset with
+(``sources.fetch``, ``augment.run_augment`` and ``codec.write_heatmaps``) on the tiny preset with
 every random effect made frequent, and lists the MD5 of every file written. It runs in subprocesses under the
 CPU-emulation switches that exist: numpy's SIMD dispatch (``NPY_DISABLE_CPU_FEATURES``), OpenBLAS's kernel
 (``OPENBLAS_CORETYPE``), glibc's libm variants (``GLIBC_TUNABLES`` hwcaps), libjpeg-turbo's SIMD
@@ -156,7 +156,6 @@ def test_portable_kernels_agree_with_numpy_to_a_few_ulp():
 # ------------------------------------------------------------------------------------------------ the driver
 def _driver(out: Path) -> None:
     """Run the data stages' library code into ``out`` and print one JSON line (file MD5s, features, canary)."""
-    import importlib.util
     import shutil
     import tempfile
 
@@ -177,13 +176,10 @@ def _driver(out: Path) -> None:
         p = load_params(params_path)
     sources.fetch(p.data, p.base.seed, out / "raw", progress=False)
     run_augment(out / "raw", out / "augmented", p.augment, p.base.seed)
-    spec = importlib.util.spec_from_file_location("encode_stage", ROOT / "stages" / "encode.py")
-    encode_stage = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(encode_stage)
     splits = {n: read_split(out / "augmented" / n) for n in ("train", "val", "test")}
     size = int(splits["train"].meta["size"])
-    encode_stage.write_heatmaps(splits, codec.HeatmapCodec(size, size // STRIDE, p.encode.sigma), p.encode,
-                                out / "heatmaps")
+    codec.write_heatmaps(splits, codec.HeatmapCodec(size, size // STRIDE, p.encode.sigma), p.encode.dtype,
+                         out / "heatmaps")
     files = {str(f.relative_to(out)): hashlib.md5(f.read_bytes()).hexdigest()
              for f in sorted(out.rglob("*")) if f.is_file()}
     from numpy._core._multiarray_umath import __cpu_features__

@@ -35,7 +35,7 @@ def test_server_holds_the_runs_epochs_artifacts_and_the_champion(server, team_re
     import mlflow
     import torch
 
-    from facemarks import tracking
+    from facemarks import registry, tracking
     from facemarks.model import load_model
 
     client = _client(server)
@@ -76,7 +76,7 @@ def test_server_holds_the_runs_epochs_artifacts_and_the_champion(server, team_re
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
     info = mlflow.models.get_model_info("models:/facemarks@champion")
     assert info.signature.inputs.inputs[0].shape == (-1, 1, 32, 32) and info.saved_input_example_info
-    loaded = tracking.load_registered_model("models:/facemarks@champion")
+    loaded = registry.load_registered_model("models:/facemarks@champion")
     assert (loaded.loss, loaded.input_size, loaded.sigma, loaded.decoder) == \
         (winner, 32, 1.0, report[winner]["best_decoder"])
     local = load_model(team_repo / f"models/{winner}/model.pt")

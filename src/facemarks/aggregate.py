@@ -24,7 +24,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from facemarks.stats import loss_pairs, overall_winner
+from facemarks.stats import loss_pairs, overall_winner, seed_interval, verdict_text
+from facemarks.tracking import tracking_uri as default_uri
 
 from facemarks.params import LOSS_NAMES as LOSSES  # every loss a pair may hold, in this order
 FACE_KEYS = ("mean_delta", "ci_low", "ci_high", "p_wilcoxon", "n")  # the evaluate run's comparison.best.<key>
@@ -94,8 +95,6 @@ def search_train_runs(experiment: str | None = None, study: str | None = None, t
     """Train runs (``dvc.stage`` = ``train@…``) with a ``test_nme`` metric in ``experiment`` (default: every
     experiment), optionally only those tagged ``study = <study>``; MLflow ``Run`` objects."""
     import mlflow
-
-    from facemarks.tracking import tracking_uri as default_uri
 
     client = mlflow.MlflowClient(tracking_uri or default_uri())
     exps = [e.experiment_id for e in client.search_experiments() if experiment in (None, e.name)]
@@ -167,8 +166,6 @@ def _with_face(pair: Pair, tracking_uri: str | None) -> Pair:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from facemarks.tracking import tracking_uri as default_uri
-
     try:
         metrics = mlflow.MlflowClient(tracking_uri or default_uri()).get_run(pair.evaluate_run).data.metrics
     except MlflowException:
@@ -193,8 +190,6 @@ def summarise(pairs: list[Pair]) -> list[dict[str, Any]]:
     BCE − MSE comparison's (the first pair's when the budget has no MSE and BCE runs); ``overall`` the loss better
     than every other over seeds (:func:`facemarks.stats.overall_winner`), else None."""
     import numpy as np
-
-    from facemarks.stats import seed_interval, verdict_text
 
     out = []
     for budget in sorted({p.budget for p in pairs}, key=lambda b: tuple(-1 if v is None else v for v in b)):

@@ -17,7 +17,15 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from facemarks.params import LOSS_NAMES
+from facemarks import aggregate
+from facemarks.atomic import atomic_path, atomic_write_json
+from facemarks.detect import DETECTORS, describe, resolve
+from facemarks.io import DataError, read_image
+from facemarks.params import LOSS_NAMES, Params, ParamsError, apply_preset, load_params
+from facemarks.predict import ModelChoice, best_decoder, choose_model, face_to_json, load_predictor, predict_image
+from facemarks.summary import refresh
+from facemarks.registry import load_registered_model
+from facemarks.tracking import tracking_uri
 
 COMPARE_METRICS = ("test_nme", "test_nme_ip", "test_auc", "test_fr", "test_roundtrip_px", "best_val_nme",
                    "final_val_loss", "test_ms_per_face_b1")
@@ -56,16 +64,20 @@ def join_numeric_values(argv: Sequence[str]) -> list[str]:
 
 def _defaults(params_path: str) -> dict[str, Any]:
     """Model input size, crop margin, sigma and decoder from ``params.yaml`` when present, else built-in defaults."""
-    from facemarks.params import Params, load_params
-
     p = load_params(params_path) if Path(params_path).is_file() else Params()
     return {"size": p.augment.size, "margin": p.augment.margin, "sigma": p.encode.sigma, "decoder": p.encode.decoder,
             "flip": p.evaluate.flip_test}
 
 
-def overlay_figure(image: Any, faces: list[dict[str, Any]], title: str) -> Any:
-    """The image with each face's box and 68 points (colour = confidence)."""
-    from facemarks.plots import plt
+def write_overlay(image: Any, faces: list[dict[str, Any]], title: str, path: Path) -> None:
+    """The image with each face's box and 68 points (colour = confidence), written atomically as PNG to ``path``.
+
+    matplotlib is imported here, on the overlay path only (not through :mod:`facemarks.plots`, which loads it at
+    import): ``facemarks predict --no-overlay`` runs without it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 6 * image.shape[0] / image.shape[1]))
     ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
@@ -75,25 +87,19 @@ def overlay_figure(image: Any, faces: list[dict[str, Any]], title: str) -> Any:
         ax.scatter(*face["points"].T, c=face["confidence"], cmap="autumn", s=8, vmin=0, vmax=1)
     ax.set_title(title, fontsize=9)
     ax.axis("off")
-    return fig
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Predict every face of each image; JSON (+ overlay PNG unless ``--no-overlay``) per image in ``--out``.
     1 when an image has no face. Imports nothing of MLflow, DVC or the training loop (matplotlib only for overlays)."""
-    from facemarks.atomic import atomic_write_json
-    from facemarks.detect import describe, resolve
-    from facemarks.io import read_image
-    from facemarks.predict import best_decoder, choose_model, face_to_json, load_predictor, predict_image
-
     if not args.images and not args.astronaut:
         print("facemarks predict: give at least one IMAGE or --astronaut", file=sys.stderr)
         return 2
     registered = None
     if args.model and args.model.startswith("models:/"):  # the Model Registry: MLflow is imported on this path only
-        from facemarks.predict import ModelChoice
-        from facemarks.tracking import load_registered_model
-
         registered = load_registered_model(args.model)
     try:
         choice = (ModelChoice(Path(args.model), registered.loss, f"Model Registry version {registered.version}")
@@ -152,9 +158,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                           + f" conf {f['landmark_confidence']:.2f}" for f in faces)
         print(f"{name}: {len(faces)} face(s) [{found}] -> {out / stem}.json")
         if not args.no_overlay:
-            from facemarks.plots import save_figure
-
-            save_figure(overlay_figure(image, faces, f"{stem}: {len(faces)} face(s), {loss}"), out / f"{stem}.png")
+            write_overlay(image, faces, f"{stem}: {len(faces)} face(s), {loss}", out / f"{stem}.png")
             print(f"{name}: overlay -> {out / stem}.png")
     return status
 
@@ -163,8 +167,6 @@ def compare_table(experiment: str, study: str | None = None) -> str:
     """The MSE vs BCE table of the latest train run per loss in ``experiment`` (MLflow store of
     :func:`facemarks.tracking.tracking_uri`; only runs tagged ``study = <study>`` when given), as aligned text."""
     import mlflow
-
-    from facemarks.tracking import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     query = "tags.`dvc.stage` LIKE 'train%'" + (f" and tags.study = '{study}'" if study else "")
@@ -190,8 +192,6 @@ def compare_table(experiment: str, study: str | None = None) -> str:
 def seeds_table(experiment: str, study: str | None = None) -> str:
     """The seed aggregate (:mod:`facemarks.aggregate`): per budget and loss, test NME mean ± sd over training seeds,
     seeds won, and the paired BCE − MSE difference over seeds with its interval."""
-    from facemarks import aggregate
-
     pairs, counts = aggregate.pair_runs(aggregate.search_train_runs(experiment, study))
     return aggregate.seeds_text(aggregate.summarise(pairs), counts)
 
@@ -205,14 +205,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _experiment(params_path: str) -> str:
-    from facemarks.params import load_params
-
     return load_params(params_path).base.experiment if Path(params_path).is_file() else "facemarks"
 
 
 def cmd_preset(args: argparse.Namespace) -> int:
-    from facemarks.params import apply_preset
-
     preset = Path(args.name) if args.name.endswith((".yaml", ".yml")) else Path("presets") / f"{args.name}.yaml"
     if not preset.is_file():
         raise FileNotFoundError(f"preset {preset} not found")
@@ -224,8 +220,6 @@ def cmd_preset(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from facemarks.tracking import tracking_uri
-
     cmd = ["mlflow", "ui", "--backend-store-uri", tracking_uri(), "--host", "127.0.0.1", "--port", str(args.port)]
     print(" ".join(cmd))
     if args.launch:
@@ -236,8 +230,6 @@ def cmd_ui(args: argparse.Namespace) -> int:
 def cmd_summary(args: argparse.Namespace) -> int:
     """Write the results-at-a-glance table from metrics/eval.json into reports/summary.md and README.md
     (:func:`facemarks.summary.refresh`); ``--check``: write nothing, 1 when either file is stale."""
-    from facemarks.summary import refresh
-
     stale = refresh(args.root, check=args.check, params=args.params)
     if args.check:
         for path in stale:
@@ -248,8 +240,6 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from facemarks.detect import DETECTORS
-
     parser = argparse.ArgumentParser(prog="facemarks", description="68-point facial keypoints by heatmaps")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
@@ -296,9 +286,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; expected failures print one line and return non-zero."""
     args = build_parser().parse_args(join_numeric_values(sys.argv[1:] if argv is None else argv))
-    from facemarks.io import DataError
-    from facemarks.params import ParamsError
-
     try:
         return int(args.func(args))
     except ParamsError as exc:

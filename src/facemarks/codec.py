@@ -12,6 +12,7 @@ Module-level :func:`encode` / :func:`decode` work in map pixels; :class:`Heatmap
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,16 +22,12 @@ import numpy as np
 import torch
 
 from facemarks import portable
+from facemarks.atomic import atomic_dir
+from facemarks.params import DECODER_NAMES
 
-DECODERS = (
-    "argmax",
-    "argmax_quarter",
-    "weighted_average",
-    "local_weighted_average",
-    "soft_argmax",
-    "dark",
-    "subpixel",
-)
+#: every decoder, in report order: the one list, spelled in facemarks.params (which imports no torch, so that the
+#: params validation can name the choices); ``_DECODE`` below implements exactly these
+DECODERS = DECODER_NAMES
 
 _LOG_FLOOR = 1e-10  # relative floor (to the peak) before taking logs
 _SCRATCH_ELEMENTS = 1 << 19  # float32 scratch (2 MiB) for float16 encoding: stays in cache
@@ -486,6 +483,24 @@ def encode_to_npy(
     out.flush()
     del out
     return weights
+
+
+def write_heatmaps(splits: dict[str, Any], codec: HeatmapCodec, dtype: str, out: str | Path) -> dict[str, dict]:
+    """The ``encode`` stage's folder: ``out/{split}.npy`` ``(N, K, h, w)`` in ``dtype``, ``out/{split}_weights.npy``
+    float32 ``(N, K)`` and ``out/meta.json``, for each split folder of ``splits`` (name → a
+    :func:`facemarks.store.read_split` result with ``points`` ``(N, K, 2)`` input px and ``visible`` ``(N, K)``);
+    the folder appears whole (:func:`facemarks.atomic.atomic_dir`). Returns ``{split: {"n", "encoded_points"}}``.
+    The bytes depend on the data alone (``tests/test_repro_bytes.py``)."""
+    with atomic_dir(Path(out)) as tmp:
+        counts = {}
+        for name, split in splits.items():
+            weights = encode_to_npy(tmp / f"{name}.npy", split.points, split.visible, codec, dtype)
+            np.save(tmp / f"{name}_weights.npy", weights, allow_pickle=False)  # the folder is atomic
+            counts[name] = {"n": len(weights), "encoded_points": int(weights.sum())}
+        meta = {"sigma": codec.sigma, "input_size": codec.input_size, "heatmap_size": codec.heatmap_size,
+                "stride": codec.stride, "dtype": dtype, "splits": counts}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    return counts
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ import numpy as np
 
 from facemarks import detect as D
 from facemarks.io import box_iou, list_images, read_image
+from facemarks.predict import predict_many
 
 SETTINGS = ("hog", "hog-rotate", "cnn", "auto")
 MIN_SIDE = 60.0  # px: the faces the goal counts
@@ -134,8 +135,6 @@ def photo_report(folder: str | Path, model: Any = None, loss: str = "mse", *, si
             f"{HOG_WEAK:g}, CNN < {CNN_WEAK:g})")
     low = None
     if model is not None:
-        from facemarks.predict import predict_many
-
         preds = predict_many(model, images, loss, size=size, margin=margin, sigma=sigma, decoder=decoder)
         conf = np.concatenate([c.mean(axis=1) if len(c) else np.zeros(0) for _, c in preds]).astype(np.float64)
         low = float(np.percentile(conf[agreed], FP_PERCENTILE)) if agreed.any() else float("nan")

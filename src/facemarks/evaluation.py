@@ -12,9 +12,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from facemarks import real_photos
+from facemarks.codec import DECODERS, roundtrip_table
+from facemarks.detect import BOX_MAPPING, detect, dlib_available, dlib_boxes
 from facemarks.inference import make_codec, predict_heatmaps, time_per_face
+from facemarks.io import box_iou, read_dlib_xml, read_image
+from facemarks.metrics import crop_to_original, face_metrics, mean_shape, mean_shape_predictions, nme, normaliser
 from facemarks.model import STRIDE
-from facemarks.predict import predict_image
+from facemarks.peers import Dlib68
+from facemarks.predict import predict_image, predict_many
+from facemarks.synthetic import face_box
+from facemarks.tracking import MODEL_HASH_TAG, file_md5, numeric_leaves, start_run, tracking_uri
 
 def evaluate_decoders(heatmaps: np.ndarray, transform: np.ndarray, gt: np.ndarray, boxes: np.ndarray,
                       visible: np.ndarray, sigma: float, threshold: float) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
@@ -23,9 +31,6 @@ def evaluate_decoders(heatmaps: np.ndarray, transform: np.ndarray, gt: np.ndarra
     gt ``(N, K, 2)`` original px, boxes ``(N, 4)``, visible ``(N, K)``. Returns ``({decoder: metrics row}, {decoder:
     points (N, K, 2) original px})``; each row is :func:`facemarks.metrics.face_metrics` (``per_face`` included).
     """
-    from facemarks.codec import DECODERS
-    from facemarks.metrics import crop_to_original, face_metrics
-
     codec = make_codec(heatmaps.shape[-1] * STRIDE, sigma)
     rows, points = {}, {}
     for name in DECODERS:
@@ -54,9 +59,6 @@ def dlib_predictions(raw_dir: str, files: list[str], boxes: np.ndarray) -> tuple
     """dlib's 68-point predictor on the original images with the true boxes: points ``(N, K, 2)`` px, ms/face."""
     from pathlib import Path
 
-    from facemarks.io import read_image
-    from facemarks.peers import Dlib68
-
     predictor = Dlib68()
     points, elapsed = [], 0.0
     for file, box in zip(files, np.asarray(boxes, np.float64)):
@@ -76,8 +78,6 @@ def astronaut(model: torch.nn.Module, loss: str, *, size: int, margin: float, si
     """
     from skimage.data import astronaut as load
 
-    from facemarks.metrics import nme, normaliser
-
     image = load()
     faces = predict_image(model, image, loss, size=size, margin=margin, sigma=sigma, decoder=decoder)
     if not faces:
@@ -87,8 +87,6 @@ def astronaut(model: torch.nn.Module, loss: str, *, size: int, margin: float, si
     summary: dict[str, Any] = {"found": True, "loss": loss, "box": face["box"],
                                "mean_confidence": float(np.mean(face["confidence"]))}
     if use_dlib:
-        from facemarks.peers import Dlib68
-
         theirs = np.asarray(Dlib68().predict(image, tuple(face["box"])), np.float64)
         norm = normaliser(theirs[None], "io")
         summary["nme_vs_dlib"] = 100 * float(nme(face["points"][None], theirs[None], norm)[0])
@@ -99,8 +97,6 @@ def real_photo_rows(models: dict[str, torch.nn.Module], report: dict[str, Any], 
                     sigma: float) -> dict[str, dict[str, float]]:
     """Each loss's NME (%) from dlib's points on the bundled real portraits (:mod:`facemarks.real_photos`), given
     dlib's detector box as the face box and decoded with the loss's best test decoder. Needs the ``peers`` extra."""
-    from facemarks import real_photos
-
     refs = real_photos.dlib_references()
     rows = {}
     for loss, model in models.items():
@@ -120,8 +116,6 @@ def train_run_id(loss: str, metrics_dir: str = "metrics", experiment: str | None
 
     import mlflow
 
-    from facemarks.tracking import tracking_uri
-
     client = mlflow.MlflowClient(tracking_uri())
     path = Path(metrics_dir) / f"train_{loss}.json"
     if path.is_file():
@@ -134,8 +128,6 @@ def train_run_id(loss: str, metrics_dir: str = "metrics", experiment: str | None
     exps = [e.experiment_id for e in client.search_experiments() if experiment in (None, e.name)]
     model = Path(metrics_dir).parent / "models" / loss / "model.pt"
     if exps and model.is_file():  # the run that wrote this very file: exact, also on a server the team shares
-        from facemarks.tracking import MODEL_HASH_TAG, file_md5
-
         hit = client.search_runs(exps, f"tags.`{MODEL_HASH_TAG}` = '{file_md5(model)}'",
                                  order_by=["attributes.start_time DESC"], max_results=1)
         if hit:
@@ -180,8 +172,6 @@ def evaluate_loss(model: torch.nn.Module, split: Any, loss: str, sigma: float, t
 
 def baseline_rows(train_split: Any, test_split: Any, threshold: float) -> tuple[dict[str, Any], np.ndarray]:
     """Mean-shape baseline: the mean training crop shape placed on every test crop; row and per-face NME ``(N,)``."""
-    from facemarks.metrics import face_metrics, mean_shape, mean_shape_predictions
-
     shape = mean_shape(np.asarray(train_split.points), np.asarray(train_split.visible))
     gt = np.asarray(test_split.orig_points, np.float64)
     pred = mean_shape_predictions(shape, np.asarray(test_split.transform))
@@ -192,8 +182,6 @@ def baseline_rows(train_split: Any, test_split: Any, threshold: float) -> tuple[
 def roundtrip_summary(split: Any, sigma: float) -> dict[str, float]:
     """Round-trip error (input px) of the split's own targets, float32 maps, every decoder: ``{decoder: mean}``
     plus ``subpixel_p99`` / ``subpixel_max``."""
-    from facemarks.codec import roundtrip_table
-
     size = int(np.asarray(split.images).shape[-1])
     table = roundtrip_table(np.asarray(split.points), np.asarray(split.visible), make_codec(size, sigma),
                             dtypes=("float32",))
@@ -208,13 +196,9 @@ def dlib_row(split: Any, raw_dir: str, threshold: float) -> tuple[dict[str, Any]
     meta lacks them): row (with ``ms_per_face``), points ``(N, K, 2)`` original px, per-face NME ``(N,)``."""
     from pathlib import Path
 
-    from facemarks.metrics import face_metrics
-
     boxes = np.asarray(split.boxes, np.float64)
     records = []
     if len(split.meta.get("files", [])) != len(boxes):
-        from facemarks.io import read_dlib_xml
-
         records = read_dlib_xml(Path(raw_dir) / "test.xml")
     points, ms = dlib_predictions(raw_dir, raw_sources(split.meta, boxes, records), boxes)
     gt = np.asarray(split.orig_points, np.float64)
@@ -229,9 +213,6 @@ def log_eval_mlflow(report: dict[str, Any], losses: tuple[str, ...] = ("mse", "b
     each loss's train run (:func:`train_run_id`), tagged ``evaluate_run`` = that run's id: the two train runs scored
     together, the pairs that ``facemarks compare`` and the study report use (:mod:`facemarks.aggregate`)."""
     import mlflow
-
-    from facemarks.codec import DECODERS
-    from facemarks.tracking import numeric_leaves, start_run
 
     rids = {loss: train_run_id(loss) for loss in losses}  # a fresh `<loss>-eval` run only when the train run is gone
     comparison = report.get("comparison", {})
@@ -267,8 +248,6 @@ def match_detections(true_boxes: np.ndarray, det_boxes: np.ndarray,
     Returns the matched detection per true face ``(F,)`` (-1: none with IoU ≥ ``min_iou``), its IoU ``(F,)`` (0 when
     unmatched) and the number of false positives (detections matched to no true face).
     """
-    from facemarks.io import box_iou
-
     true_boxes, det_boxes = np.reshape(true_boxes, (-1, 4)), np.reshape(det_boxes, (-1, 4))
     iou = np.array([[box_iou(t, d) for d in det_boxes] for t in true_boxes]).reshape(len(true_boxes), len(det_boxes))
     match, match_iou, free = np.full(len(true_boxes), -1), np.zeros(len(true_boxes)), iou.copy()
@@ -309,10 +288,6 @@ def astronaut_reference_box() -> tuple[np.ndarray, tuple[float, float, float, fl
     turns them into a box the way the training boxes are made. Needs the ``peers`` extra."""
     from skimage.data import astronaut as load
 
-    from facemarks.detect import dlib_boxes
-    from facemarks.peers import Dlib68
-    from facemarks.synthetic import face_box
-
     image = load()
     found = dlib_boxes(image)
     if not found:
@@ -333,11 +308,6 @@ def detection_report(model: torch.nn.Module, loss: str, records: list, raw_dir: 
     Returns the report and the detection wall-clock (``<detector>_ms_per_image``, for timings/MLflow only).
     """
     from pathlib import Path
-
-    from facemarks.detect import BOX_MAPPING, dlib_available, detect
-    from facemarks.io import read_image
-    from facemarks.metrics import nme, normaliser
-    from facemarks.predict import predict_many
 
     detectors = ("dlib", "cascade") if dlib_available() else ("cascade",)
     recs = list(records)[:max_images]
@@ -383,8 +353,6 @@ def log_detect_mlflow(report: dict[str, Any], timing: dict[str, float]) -> None:
     """Every number of ``metrics/detect.json`` (as ``detect.<path>``) and the detection timings (``detect.<name>``)
     into a ``detect`` run of the evaluate stage."""
     import mlflow
-
-    from facemarks.tracking import numeric_leaves, start_run
 
     with start_run("evaluate", "detect"):
         mlflow.log_metrics({**numeric_leaves(report, "detect"), **{f"detect.{k}": v for k, v in timing.items()}})

@@ -28,7 +28,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from facemarks import extras, metrics
 from facemarks.atomic import atomic_path
+from facemarks.augment import face_crop, invert_points
+from facemarks.codec import DECODERS, HeatmapCodec
+from facemarks.hashing import file_sha256
+from facemarks.inference import make_codec, predict_heatmaps
 from facemarks.model import LOSSES, STRIDE, HeatmapNet, outputs_to_heatmaps
 from facemarks.runtime import INPUT_NAME, OUTPUT_NAME, OnnxHeatmaps
 
@@ -81,8 +86,6 @@ def export_onnx(model: HeatmapNet, loss: str, path: str | Path, input_size: int,
     ``onnx.checker`` and written atomically. ``source``: the ``model.pt`` it came from, whose SHA-256 goes into the
     metadata as ``source_sha256`` (``facemarks predict`` uses the ONNX twin only when it matches).
     """
-    import onnx
-
     if input_size % 32:
         raise ValueError(f"export_onnx: input_size must be a multiple of 32, got {input_size}")
     was_training, device = model.training, next(model.parameters()).device
@@ -102,8 +105,6 @@ def export_onnx(model: HeatmapNet, loss: str, path: str | Path, input_size: int,
     meta = {"loss": loss, "input_size": str(input_size), "num_keypoints": str(model.num_keypoints),
             "stride": str(STRIDE), "producer": f"facemarks / torch {torch.__version__.split('+')[0]}"}
     if source is not None:
-        from facemarks.sources import file_sha256
-
         meta["source_sha256"] = file_sha256(Path(source))
     return save_with_metadata(proto, meta, path)
 
@@ -132,9 +133,6 @@ def parity(model: HeatmapNet, loss: str, runtime: OnnxHeatmaps, images: np.ndarr
     ``decoders`` is given) the largest distance in input px between the points decoded from either backend's
     heatmaps, over the ``n_points_compared`` of ``N x K`` maps that torch predicts :func:`peaked` (0 px when none).
     """
-    from facemarks.codec import DECODERS
-    from facemarks.inference import make_codec, predict_heatmaps
-
     images = np.asarray(images)
     ours = runtime(images, batch_size)
     ref = predict_heatmaps(model, images, loss, batch_size)
@@ -169,8 +167,8 @@ def log_onnx_mlflow(path: str | Path, input_size: int) -> str:
     ``(1, 1, S, S)`` input example, onnxruntime pinned in its requirements); returns the model URI."""
     import mlflow.onnx
     import onnx
-    import onnxruntime
 
+    onnxruntime = extras.onnxruntime()
     example = np.zeros((1, 1, input_size, input_size), np.float32)
     reqs = [f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}", f"numpy=={np.__version__}"]
     info = mlflow.onnx.log_model(onnx.load(str(path)), name=MLFLOW_NAME, input_example=example,
@@ -269,9 +267,7 @@ def quantize_int8(fp32_path: str | Path, path: str | Path, calibration: np.ndarr
     import tempfile
 
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
-
-    from facemarks.sources import file_sha256
+    q = extras.optional("onnxruntime.quantization")
 
     if fmt not in QUANT_FORMATS:
         raise ValueError(f"quantize_int8: fmt must be one of {QUANT_FORMATS}, got {fmt!r}")
@@ -284,13 +280,13 @@ def quantize_int8(fp32_path: str | Path, path: str | Path, calibration: np.ndarr
     with tempfile.TemporaryDirectory(prefix="facemarks-int8-") as tmp, _quiet_logging(), \
             contextlib.redirect_stdout(io.StringIO()):  # the entropy / percentile calibrators print their progress
         pre, out = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
-        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
-        method_enum = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                       "percentile": CalibrationMethod.Percentile}[method]
-        quantize_static(str(pre), str(out), CropReader(calibration, batch_size),
-                        quant_format=QuantFormat.QOperator if fmt == "qoperator" else QuantFormat.QDQ,
-                        per_channel=True, reduce_range=False, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, calibrate_method=method_enum,
+        q.quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        method_enum = {"minmax": q.CalibrationMethod.MinMax, "entropy": q.CalibrationMethod.Entropy,
+                       "percentile": q.CalibrationMethod.Percentile}[method]
+        q.quantize_static(str(pre), str(out), CropReader(calibration, batch_size),
+                        quant_format=q.QuantFormat.QOperator if fmt == "qoperator" else q.QuantFormat.QDQ,
+                        per_channel=True, reduce_range=False, activation_type=q.QuantType.QUInt8,
+                        weight_type=q.QuantType.QInt8, calibrate_method=method_enum,
                         extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
         proto = onnx.load(str(out))
     meta.update({"precision": "int8", "quant_format": fmt, "calibration_method": method,
@@ -311,10 +307,6 @@ def int8_accuracy(fp32: OnnxHeatmaps, int8: OnnxHeatmaps, crops: np.ndarray, tra
     "max_nme_delta", "nme_int8_vs_fp32": {decoder: % of the int8 points from the fp32 points},
     "max_abs_heatmap_diff", "mean_abs_heatmap_diff"}``. A positive delta is accuracy int8 loses.
     """
-    from facemarks import metrics
-    from facemarks.augment import invert_points
-    from facemarks.codec import DECODERS, HeatmapCodec
-
     crops, transforms = np.asarray(crops), np.asarray(transforms, np.float64)
     ref = np.asarray(reference, np.float64)
     if not (len(crops) == len(transforms) == len(ref) > 0):
@@ -347,8 +339,6 @@ def photo_accuracy(fp32: OnnxHeatmaps, int8: OnnxHeatmaps, items: list[tuple[np.
     (:func:`facemarks.augment.face_crop` at the model's input size with ``margin``). For a real-photo folder:
     ``[(s.images[f.file], f.box, f.points) for f in s.faces]`` of :func:`facemarks.real_photos.photo_set` (dlib's
     detector box mapped as predict maps it, dlib's or human points as reference)."""
-    from facemarks.augment import face_crop
-
     if not items:
         raise ValueError("photo_accuracy: no photos given")
     crops, transforms = zip(*(face_crop(image, tuple(float(v) for v in box), fp32.input_size, margin)

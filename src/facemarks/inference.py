@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from facemarks.codec import HeatmapCodec
+from facemarks.landmarks import MIRROR
 from facemarks.model import STRIDE, images_to_tensor, outputs_to_heatmaps
 from facemarks.runtime import OnnxHeatmaps
 
@@ -40,8 +41,6 @@ def unflip_heatmaps(heatmaps: np.ndarray) -> np.ndarray:
     """Maps ``(N, K, h, w)`` predicted on mirrored crops → maps of the original crops: channel ``j`` is the mirror's
     channel ``MIRROR[j]`` flipped left-right (the map grid is centre-aligned with the crop, so an array flip is the
     exact mirror ``x → S − 1 − x``; :mod:`facemarks.codec`)."""
-    from facemarks.landmarks import MIRROR
-
     return np.ascontiguousarray(np.asarray(heatmaps)[:, MIRROR, :, ::-1])
 
 

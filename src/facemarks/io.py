@@ -7,6 +7,7 @@ Shape legend: ``K = 68`` landmarks; ``points (K, 2)`` as ``(x, y)``.
 """
 from __future__ import annotations
 
+import fnmatch
 import math
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -208,6 +209,25 @@ def list_images(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     return sorted((p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
                    and p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: p.name)
+
+
+class PhotosError(DataError):
+    """A bad photo folder: one line naming its params key (a stage prints it and exits 1)."""
+
+
+def photo_files(folder: str | Path, pattern: str = "", key: str = "evaluate.photos") -> list[Path]:
+    """The photo-folder lister: the images of ``folder`` (:func:`list_images`; ``~`` expanded), narrowed by
+    ``pattern`` (a glob on the file name, e.g. ``evaluate.photos_glob``; empty: all), or :class:`PhotosError` naming
+    ``key`` when the folder does not exist or holds no such image. Cheap: run it before any work."""
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise PhotosError(f"{key}: {folder} is not a folder (it does not exist or is a file)")
+    files = [p for p in list_images(path) if not pattern or fnmatch.fnmatch(p.name, pattern)]
+    if not files:
+        what = (f"matching {pattern!r}" if pattern
+                else f"files (suffixes {', '.join(IMAGE_SUFFIXES)}; subfolders are not searched)")
+        raise PhotosError(f"{key}: {folder} holds no image {what}")
+    return files
 
 
 def png_bytes(image: np.ndarray) -> bytes:

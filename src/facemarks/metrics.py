@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from facemarks.augment import invert_points  # the one place crop transforms are applied
 from facemarks.landmarks import REGIONS, inter_ocular, inter_pupil
 
 NORMALISERS = ("io", "ip", "box")  # inter-ocular (36/45), inter-pupil, box diagonal
@@ -108,8 +109,6 @@ def face_metrics(pred: np.ndarray, gt: np.ndarray, boxes: np.ndarray, visible: n
 
 def crop_to_original(points: np.ndarray, transform: np.ndarray) -> np.ndarray:
     """Crop px ``(N, K, 2)`` → original-image px through the inverse of the stored original→crop ``(N, 3, 3)``."""
-    from facemarks.augment import invert_points  # the one place crop transforms are applied
-
     return invert_points(points, transform)
 
 

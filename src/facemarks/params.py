@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from facemarks.atomic import atomic_path
+
 DEFAULT_PATH = "params.yaml"
 
 
@@ -120,6 +122,7 @@ class Augment:
     workers: int = _p(2, 1, 64)
 
 
+#: the heatmap decoders (``facemarks.codec.DECODERS`` is this tuple; kept here so that params never imports torch)
 DECODER_NAMES = ("argmax", "argmax_quarter", "weighted_average", "local_weighted_average", "soft_argmax", "dark",
                  "subpixel")
 
@@ -351,8 +354,6 @@ def apply_preset(preset: str | Path, path: str | Path = DEFAULT_PATH) -> dict[st
     Returns the flattened overrides.
     """
     from ruamel.yaml import YAML
-
-    from facemarks.atomic import atomic_path
 
     ry = YAML()
     ry.preserve_quotes = True

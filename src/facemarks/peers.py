@@ -1,6 +1,6 @@
 """dlib's 68-point predictor and HOG face detector as a yardstick (optional extra ``peers``).
 
-The core library never imports this module. The model file comes from the ``face-recognition-models``
+dlib itself is imported on first use (:mod:`facemarks.extras`). The model file comes from the ``face-recognition-models``
 package, located without importing it (its ``__init__`` needs ``pkg_resources``).
 
 Coordinates: pixels, pixel centres at integer coordinates; boxes ``(left, top, width, height)``.
@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from facemarks import metrics
+from facemarks import extras, metrics
+from facemarks.detect import dlib_boxes, packaged_model
 from facemarks.io import ImageRecord, box_iou, read_image
 
 MODEL_FILE = "shape_predictor_68_face_landmarks.dat"
@@ -21,16 +22,12 @@ MODEL_FILE = "shape_predictor_68_face_landmarks.dat"
 
 def _model_path() -> Path | None:
     """Path of dlib's 68-point ``.dat`` inside the installed ``face_recognition_models`` package, or None."""
-    from facemarks.detect import packaged_model
-
     return packaged_model(MODEL_FILE, "face_recognition_models")
 
 
 def unavailable_reason() -> str:
     """Empty when the dlib yardstick can run, else one line saying what is missing."""
-    try:
-        import dlib  # noqa: F401
-    except ImportError:
+    if not extras.dlib_available():
         return "dlib is not installed (pip install 'facemarks[peers]' adds dlib-bin)"
     if _model_path() is None:
         return f"{MODEL_FILE} not found (pip install 'facemarks[peers]' adds face-recognition-models)"
@@ -43,10 +40,8 @@ def available() -> bool:
 
 
 def _rect(box):
-    import dlib
-
     left, top, w, h = (int(round(v)) for v in box)
-    return dlib.rectangle(left, top, left + w - 1, top + h - 1)
+    return extras.dlib().rectangle(left, top, left + w - 1, top + h - 1)
 
 
 class Dlib68:
@@ -56,20 +51,17 @@ class Dlib68:
         reason = unavailable_reason()
         if reason:
             raise RuntimeError(f"dlib yardstick unavailable: {reason}")
-        import dlib
-
-        self._predictor = dlib.shape_predictor(str(_model_path()))
-        self._detector = dlib.get_frontal_face_detector()
+        self._predictor = extras.dlib().shape_predictor(str(_model_path()))
 
     def predict(self, image: np.ndarray, box) -> np.ndarray:
         """Landmarks ``(68, 2)`` float64 for ``image`` ``(H, W)`` or ``(H, W, 3)`` uint8 inside ``box`` (l, t, w, h)."""
         shape = self._predictor(np.ascontiguousarray(image), _rect(box))
         return np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64)
 
-    def detect(self, image: np.ndarray, upsample: int = 1) -> list[tuple[int, int, int, int]]:
-        """HOG detections as ``(left, top, width, height)`` boxes."""
-        rects = self._detector(np.ascontiguousarray(image), upsample)
-        return [(r.left(), r.top(), r.right() - r.left() + 1, r.bottom() - r.top() + 1) for r in rects]
+    def detect(self, image: np.ndarray, upsample: int = 1) -> list[tuple[float, float, float, float]]:
+        """HOG detections as ``(left, top, width, height)`` boxes, best first: the one wrapper of dlib's HOG detector,
+        :func:`facemarks.detect.dlib_boxes` (its raw boxes, dlib's own threshold)."""
+        return [box for box, _, _ in dlib_boxes(image, upsample)]
 
 
 def detection_hit(true_box, detections) -> bool:

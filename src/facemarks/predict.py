@@ -17,9 +17,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from facemarks.augment import face_crop, invert_points
 from facemarks.detect import Detection, detect
+from facemarks.hashing import file_sha256
 from facemarks.inference import predict_crops
-from facemarks.model import LOSSES
+from facemarks.model import LOSSES, load_model
 from facemarks.runtime import OnnxHeatmaps
 
 DEFAULT_LOSS = "mse"  # used when metrics/eval.json names no winner (and mse was evaluated)
@@ -93,8 +95,6 @@ BACKENDS = ("auto", "onnx-int8", "onnx", "torch")
 
 
 def _exported_from(runtime: OnnxHeatmaps, model_pt: Path) -> bool:
-    from facemarks.sources import file_sha256
-
     return model_pt.is_file() and runtime.metadata.get("source_sha256") == file_sha256(model_pt)
 
 
@@ -147,8 +147,6 @@ def load_predictor(choice: ModelChoice, backend: str = "auto",
         notes.append(f"{twin} was not exported from {choice.path} (run: dvc repro export)")
     else:
         notes.append("no exported model" if backend == "auto" else "--backend torch")
-    from facemarks.model import load_model
-
     return load_model(choice.path), "torch", "; ".join(notes)
 
 
@@ -168,8 +166,6 @@ def predict_many(model: torch.nn.Module | OnnxHeatmaps, items: Sequence[tuple[np
     ``(F_i, K)``. Each face is cropped with :func:`facemarks.augment.face_crop` at ``size`` with ``margin``, all crops
     are predicted in batches of ``batch_size`` (``flip``: flip test-time augmentation, :func:`facemarks.inference.predict_heatmaps`),
     and points are mapped back with :func:`facemarks.augment.invert_points`."""
-    from facemarks.augment import face_crop, invert_points
-
     crops, transforms, counts = [], [], []
     for image, boxes in items:
         for b in boxes:

@@ -19,7 +19,15 @@ from typing import Any, Callable
 import numpy as np
 
 from facemarks import metrics
-from facemarks.io import DataError
+from facemarks.atomic import atomic_write_json
+from facemarks.augment import apply_transform, face_crop
+from facemarks.detect import DLIB_UPSAMPLE, dlib_boxes, map_box
+from facemarks.hashing import file_sha256
+from facemarks.io import box_iou, photo_files, read_dlib_xml, read_image, read_pts
+from facemarks.peers import Dlib68
+from facemarks.predict import predict_many
+from facemarks.stats import paired_comparison
+from facemarks.synthetic import face_box
 
 #: name -> loader of a bundled portrait (uint8 RGB).
 PORTRAITS = ("astronaut", "grace_hopper")
@@ -54,8 +62,6 @@ class Reference:
 
 def dlib_references(names: tuple[str, ...] = PORTRAITS) -> list[Reference]:
     """dlib's box and points on each bundled portrait (needs the ``peers`` extra)."""
-    from facemarks.peers import Dlib68
-
     dlib = Dlib68()
     out = []
     for name in names:
@@ -85,12 +91,10 @@ def score(predict: Callable[[np.ndarray, tuple], np.ndarray], refs: list[Referen
 # folder, or a 300-W ``<stem>.pts``) is scored against that markup; a photo without against dlib's 68 points in dlib's
 # own detector box. Shapes: ``F`` faces over the folder; points ``(F, 68, 2)`` px; per-face NME ``(F,)`` in %.
 PHOTOS_KEY = "evaluate.photos"
+#: dlib's detections and points per photo, by image SHA-256 (an untracked side cache of evaluate and export)
+PHOTO_CACHE = "data/cache/photo_refs"
 ABOVE_NME = 10.0  # % NME: a face above this counts as a failure in the real-photo summary (``share_above_10``)
 REFERENCES = ("human", "dlib")
-
-
-class PhotosError(DataError):
-    """A bad real-photo folder: one line naming the ``evaluate.photos`` key (a stage prints it and exits 1)."""
 
 
 @dataclass(frozen=True)
@@ -125,29 +129,10 @@ class PhotoSet:
     no_face: list[str]  # images in which neither markup nor dlib gives a face
 
 
-def photo_files(folder: str | Path, pattern: str = "", key: str = PHOTOS_KEY) -> list[Path]:
-    """The images of ``folder`` (:func:`facemarks.io.list_images`; ``pattern``, a glob on the file name, narrows them),
-    or :class:`PhotosError` naming ``key`` when the folder does not exist or holds no image. Cheap: run it first."""
-    from fnmatch import fnmatch
-
-    from facemarks.io import IMAGE_SUFFIXES, list_images
-
-    path = Path(folder)
-    if not path.is_dir():
-        raise PhotosError(f"{key}: {folder} is not a folder (it does not exist or is a file)")
-    files = [p for p in list_images(path) if not pattern or fnmatch(p.name, pattern)]
-    if not files:
-        what = f"matching {pattern!r}" if pattern else f"({', '.join(IMAGE_SUFFIXES)})"
-        raise PhotosError(f"{key}: {folder} holds no image {what}")
-    return files
-
-
 def human_markup(folder: str | Path, files: list[Path]) -> dict[str, list[np.ndarray]]:
     """Human 68-point markup of ``files`` by file name: faces of every dlib XML list in ``folder`` whose ``file``
     names one of them, and a 300-W ``<stem>.pts`` beside an image (1-indexed on disk, 0-indexed here). Points
     ``(68, 2)`` px; a face with missing points is kept (NaN points are left out of its NME)."""
-    from facemarks.io import read_dlib_xml, read_pts
-
     names = {p.name for p in files}
     out: dict[str, list[np.ndarray]] = {}
     for xml in sorted(Path(folder).glob("*.xml")):
@@ -167,8 +152,6 @@ def human_markup(folder: str | Path, files: list[Path]) -> dict[str, list[np.nda
 
 
 def _best_match(box: tuple, candidates: list[tuple], min_iou: float = 0.3) -> int | None:
-    from facemarks.io import box_iou
-
     if not candidates:
         return None
     iou = [box_iou(box, c) for c in candidates]
@@ -181,9 +164,6 @@ def _dlib_faces(dlib: Any, image: np.ndarray, digest: str, cache: Path | None) -
     points (68, 2))]``, best first; cached as ``<cache>/<sha256 of the image>.json`` when ``cache`` is given (a rerun
     then runs no dlib on that image)."""
     import json
-
-    from facemarks.atomic import atomic_write_json
-    from facemarks.detect import DLIB_UPSAMPLE, dlib_boxes
 
     path = None if cache is None else Path(cache) / f"{digest}-u{DLIB_UPSAMPLE}.json"
     if path is not None and path.is_file():
@@ -208,12 +188,6 @@ def photo_set(folder: str | Path | None, pattern: str = "", key: str = PHOTOS_KE
     folder for dlib's results per image (:func:`_dlib_faces`), keyed by the image's SHA-256.
     """
     import hashlib
-
-    from facemarks.detect import map_box
-    from facemarks.io import read_image
-    from facemarks.peers import Dlib68
-    from facemarks.sources import file_sha256
-    from facemarks.synthetic import face_box
 
     dlib = Dlib68()
     if folder:
@@ -274,8 +248,6 @@ def photos_report(photos: PhotoSet, nme: dict[str, np.ndarray], decoders: dict[s
     comparison of every pair of losses (:func:`facemarks.stats.paired_comparison`, NME points)."""
     from itertools import combinations
 
-    from facemarks.stats import paired_comparison
-
     kinds = [f.reference for f in photos.faces]
     report: dict[str, Any] = {
         "folder": photos.folder or "bundled portraits (astronaut, grace_hopper)",
@@ -311,8 +283,6 @@ def predict_faces(model: Any, loss: str, photos: PhotoSet, *, size: int, margin:
                   flip: bool = False, batch_size: int = 64) -> np.ndarray:
     """``model`` (torch or :class:`facemarks.runtime.OnnxHeatmaps`) on every face of ``photos`` in its ``box``,
     exactly as ``facemarks predict --box`` crops and decodes: points ``(F, 68, 2)`` image px, in face order."""
-    from facemarks.predict import predict_many
-
     groups: list[tuple[str, list]] = []
     for f in photos.faces:
         if not groups or groups[-1][0] != f.file:
@@ -331,8 +301,6 @@ def worst_faces(photos: PhotoSet, points: np.ndarray, nme: np.ndarray, n: int = 
     ``photos_crops (M, size, size)`` uint8 around each face's box, the reference ``photos_ref (M, 68, 2)`` and the
     prediction ``photos_pred (M, 68, 2)`` in crop px, ``photos_nme (M,)`` % and ``photos_label (M,)`` text
     (``file#face (reference)``)."""
-    from facemarks.augment import apply_transform, face_crop
-
     order = [int(i) for i in np.argsort(-np.nan_to_num(np.asarray(nme, np.float64), nan=-1.0))[:n]]
     crops, refs, preds = [], [], []
     for i in order:

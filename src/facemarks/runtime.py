@@ -6,7 +6,8 @@ Note:
 The ONNX graph takes ``images`` float32 ``(N, 1, S, S)`` grey in [0, 1] and returns ``heatmaps`` float32
 ``(N, K, h, w)`` in target units (sigmoid already applied for a ``bce`` model): exactly what
 :func:`facemarks.inference.predict_heatmaps` returns, so decoding stays in :mod:`facemarks.codec`. ``N`` is dynamic,
-``S`` fixed at export (read back from the graph). This module imports numpy and onnxruntime only, so that a
+``S`` fixed at export (read back from the graph). This module imports numpy and onnxruntime only (onnxruntime on
+first use, through :mod:`facemarks.extras`), so that a
 deployment (or a future torch-free ``facemarks predict``) needs neither torch nor the training stack.
 
 An int8 file (:func:`facemarks.export.quantize_int8`, ``exports/<loss>/model.int8.onnx``) has the same interface
@@ -19,6 +20,8 @@ import os
 from pathlib import Path
 
 import numpy as np
+
+from facemarks import extras
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "heatmaps"
@@ -35,8 +38,7 @@ def available_cores() -> int:
 
 def session_options(threads: int | None = None, optimization: str = "all", spinning: bool = True):
     """The :class:`onnxruntime.SessionOptions` :class:`OnnxHeatmaps` uses (see its docstring for the why)."""
-    import onnxruntime as ort
-
+    ort = extras.onnxruntime()
     if optimization not in OPTIMIZATION_LEVELS:
         raise ValueError(f"session_options: optimization must be one of {OPTIMIZATION_LEVELS}, got {optimization!r}")
     opts = ort.SessionOptions()
@@ -72,8 +74,7 @@ class OnnxHeatmaps:
 
     def __init__(self, path: str | Path, threads: int | None = None, optimization: str = "all",
                  spinning: bool = True):
-        import onnxruntime as ort
-
+        ort = extras.onnxruntime()
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"ONNX model {self.path} not found (run `dvc repro export`)")

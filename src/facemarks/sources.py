@@ -53,11 +53,12 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from facemarks import synthetic, teacher
 from facemarks.atomic import atomic_dir, atomic_write_text
-from facemarks.io import (IMAGE_SUFFIXES, DataError, Face, ImageRecord, in_image, read_dlib_xml, read_image, read_pts,
-                          write_dlib_xml)
-from facemarks.landmarks import N_POINTS
+from facemarks.hashing import file_sha256
+from facemarks.io import IMAGE_SUFFIXES, DataError, Face, ImageRecord, read_dlib_xml, read_pts, write_dlib_xml
 from facemarks.params import Data, Ibug300w, Local
+from facemarks.validate import face_problem, skip_item as _skip, validate_records, validate_splits
 
 log = logging.getLogger("facemarks.sources")
 
@@ -88,10 +89,8 @@ def fetch(data: Data, seed: int, out_dir: Path, progress: bool | None = None) ->
         # Download outside the temporary tree: the cached tarball survives a failed extraction.
         tar_path, digest = fetch_ibug_archive(data.ibug300w, progress)
     if data.source == "photos":
-        from facemarks import teacher as teach
-
-        photo_files = teach.preflight(data.photos)  # no images / no peers extra: one line, before any work
-        tutor = teach.Teacher(data.photos.cache_dir, data.photos.upsample, data.photos.min_score)
+        photo_files = teacher.preflight(data.photos)  # no images / no peers extra: one line, before any work
+        tutor = teacher.Teacher(data.photos.cache_dir, data.photos.upsample, data.photos.min_score)
     skipped: collections.Counter = collections.Counter()
     with atomic_dir(out_dir) as tmp:
         if data.source == "synthetic":
@@ -109,12 +108,12 @@ def fetch(data: Data, seed: int, out_dir: Path, progress: bool | None = None) ->
         if data.source == "local":
             kept = _copy_local_images(checked, tmp)
         elif data.source == "photos":
-            kept = teach.mix(checked, tmp, photo_images, data.photos.repeat)
+            kept = teacher.mix(checked, tmp, photo_images, data.photos.repeat)
             teacher_summary.update(repeat=data.photos.repeat, n_synthetic_train=data.photos.synthetic,
                                    n_photo_train_listings=sum(data.photos.repeat * len(photo_images[f]["faces"])
                                                               for f in photo_images
                                                               if photo_images[f]["split"] == "train"))
-            teach.write_record(tmp, photo_images, tutor, teacher_summary)
+            teacher.write_record(tmp, photo_images, tutor, teacher_summary)
             extra = {"photos_path": data.photos.path, "teacher": teacher_summary}
         else:
             kept = {split: [rec for _, rec in items] for split, items in checked.items()}
@@ -142,8 +141,6 @@ def split_seed(seed: int, split: str) -> int:
 
 # ================================================================================================ synthetic
 def _synthetic_splits(data: Data, seed: int, root: Path) -> Splits:
-    from facemarks import synthetic
-
     cfg = data.synthetic
     splits = {}
     for split, n in (("train", cfg.n_train), ("test", cfg.n_test)):
@@ -156,8 +153,6 @@ def _photos_splits(data: Data, seed: int, root: Path, files: list[Path], tutor, 
     """``data.photos.synthetic`` synthetic training faces (the first of the synthetic source's, same seed) and
     ``data.synthetic.n_test`` synthetic test faces, plus the teacher-labelled photos split by file
     (:func:`facemarks.teacher.photo_items`) → ``(splits, photo record, teacher summary)``."""
-    from facemarks import synthetic, teacher
-
     cfg = data.synthetic
     splits: Splits = {}
     for split, n in (("train", data.photos.synthetic), ("test", cfg.n_test)):
@@ -243,15 +238,6 @@ def download(url: str, dest: Path, sha256: str = "", timeout_s: float = 30, prog
 
 class _Interrupted(Exception):
     """The transfer stopped mid-stream (resumable)."""
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _record_hash(record: Path, digest: str, given: str) -> None:
@@ -558,94 +544,6 @@ def _copy_local_images(checked: Splits, root: Path) -> dict[str, list[ImageRecor
             shutil.copyfile(src, dst)
             out[split].append(ImageRecord(file=f"images/{split}/{name}", faces=rec.faces))
     return out
-
-
-# ================================================================================================ validation
-def _skip(counter: collections.Counter, reason: str, message: str) -> None:
-    counter[reason] += 1
-    log.warning("skipping (%s): %s", reason, message)
-
-
-def validate_splits(splits: Splits, on_bad: str, skipped: collections.Counter) -> tuple[Splits, dict]:
-    """Validate every split with :func:`validate_records` (duplicates are looked for across splits).
-
-    Returns ``(checked, stats)``: the usable ``(image path, record)`` pairs per split and counts of kept points
-    outside their box / image and of images left without faces.
-    """
-    seen: set = set()
-    stats = {"n_points_outside_box": 0, "n_points_outside_image": 0, "n_images_without_faces": 0}
-    checked = {split: validate_records(items, on_bad, skipped, seen, stats) for split, items in splits.items()}
-    return checked, stats
-
-
-def validate_records(items: Items, on_bad: str, skipped: collections.Counter, seen: set, stats: dict) -> Items:
-    """Check each ``(image path, record)``; bad images/faces raise (``on_bad="error"``) or are skipped and counted.
-
-    Image level: ``missing_image``, ``bad_image`` (undecodable/truncated). Face level (:func:`face_problem`):
-    ``wrong_point_count``, ``nan_coordinates``, ``zero_area_box``, ``absurd_coordinates``; plus ``duplicate``
-    (same image file and box seen before, in any split; ``seen`` carries the keys). Images left with no faces are
-    dropped and counted in ``stats["n_images_without_faces"]``.
-    """
-    out = []
-    for image_path, rec in items:
-        try:
-            img = read_image(image_path)
-        except DataError as exc:
-            reason = "bad_image" if Path(image_path).is_file() else "missing_image"
-            _bad(on_bad, skipped, reason, f"{exc} (listed as {rec.file!r})")
-            continue
-        height, width = img.shape[:2]
-        faces = []
-        for i, face in enumerate(rec.faces):
-            problem = face_problem(face, width, height)
-            key = (str(Path(image_path).resolve()), tuple(float(v) for v in face.box))
-            if problem is None and key in seen:
-                problem = ("duplicate", f"box {face.box} listed more than once")
-            if problem is not None:
-                _bad(on_bad, skipped, problem[0], f"{image_path} (face {i}, listed as {rec.file!r}): {problem[1]}")
-                continue
-            seen.add(key)
-            stats["n_points_outside_box"] += int((~face.in_box()).sum())
-            stats["n_points_outside_image"] += int((~in_image(face.points, width, height)).sum())
-            faces.append(face)
-        if not faces:
-            stats["n_images_without_faces"] += 1
-            continue
-        out.append((Path(image_path), ImageRecord(file=rec.file, faces=faces)))
-    return out
-
-
-def _bad(on_bad: str, skipped: collections.Counter, reason: str, message: str) -> None:
-    if on_bad == "error":
-        raise DataError(f"{message} [{reason}; set data.on_bad: skip to skip and count such items]")
-    _skip(skipped, reason, message)
-
-
-def face_problem(face: Face, width: int, height: int) -> tuple[str, str] | None:
-    """``(reason, message)`` when ``face`` is unusable in a ``width × height`` image, else ``None``."""
-    pts = np.asarray(face.points, dtype=np.float64)
-    if pts.shape != (N_POINTS, 2):
-        return "wrong_point_count", f"points of shape {pts.shape}, expected ({N_POINTS}, 2)"
-    n_labelled = int(np.isfinite(pts).all(axis=1).sum())
-    if n_labelled != N_POINTS:
-        return "wrong_point_count", f"{n_labelled} labelled points, expected {N_POINTS}"
-    box = np.asarray(face.box, dtype=np.float64)
-    if not np.isfinite(box).all():
-        return "nan_coordinates", f"box {face.box} is not finite"
-    if box[2] <= 0 or box[3] <= 0:
-        return "zero_area_box", f"box {face.box} has zero area"
-    # The image spans [-0.5, size - 0.5]; allow one more image size on each side.
-    lo = np.array([-0.5 - width, -0.5 - height], dtype=np.float64)
-    hi = np.array([2 * width - 0.5, 2 * height - 0.5], dtype=np.float64)
-    far = ~((pts >= lo) & (pts <= hi)).all(axis=1)
-    if far.any():
-        i = int(np.flatnonzero(far)[0])
-        return "absurd_coordinates", (f"point {i} at ({pts[i, 0]:g}, {pts[i, 1]:g}) lies more than one image size "
-                                      f"outside the {width}×{height} image")
-    corners = np.array([[box[0], box[1]], [box[0] + box[2], box[1] + box[3]]])
-    if not ((corners >= lo) & (corners <= hi)).all():
-        return "absurd_coordinates", f"box {face.box} lies more than one image size outside the {width}×{height} image"
-    return None
 
 
 __all__ = ["DownloadError", "fetch", "download", "safe_extract", "seeded_split", "split_seed", "tight_box",

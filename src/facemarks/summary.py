@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from facemarks.atomic import atomic_write_text
-from facemarks.params import LOSS_NAMES
+from facemarks.params import LOSS_NAMES, Params, load_params
 
 BEGIN = "<!-- results:begin -->"
 END = "<!-- results:end -->"
@@ -154,8 +154,6 @@ def load_report(path: str | Path) -> dict[str, Any]:
 
 def threshold_of(params_path: str | Path) -> float:
     """``evaluate.threshold`` of ``params_path`` when it exists, else the default."""
-    from facemarks.params import Params, load_params
-
     return (load_params(params_path) if Path(params_path).is_file() else Params()).evaluate.threshold
 
 

@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from facemarks import portable
 from facemarks.atomic import atomic_path
-from facemarks.io import Face, ImageRecord, write_image
+from facemarks.io import Face, ImageRecord, read_image, write_image
 from facemarks.params import Synthetic
 
 # ----------------------------------------------------------------------------------------------- template
@@ -400,7 +400,7 @@ def _paint_face(rng: np.random.Generator, cv: _Canvas, g: dict, unit: float, cfg
     fw = portable.norm(pts[16] - pts[0]) + 1e-6
 
     if rng.random() < 0.8:  # shoulders and clothing (a textured, tinted bundled picture) below the neck
-        c8, down = pts[8], np.array([0.0, 1.0])
+        c8 = pts[8]
         top = c8[1] + rng.uniform(0.45, 0.8) * fw
         wide = rng.uniform(1.2, 1.8) * fw
         torso = np.array([[c8[0] - 0.35 * fw, top], [c8[0] + 0.35 * fw, top], [c8[0] + wide, top + 0.45 * fw],
@@ -756,8 +756,6 @@ def contact_sheet(records: list[ImageRecord], root: Path, path: Path, n: int = 1
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from facemarks.io import read_image
 
     recs = records[:n]
     if not recs:

@@ -14,7 +14,7 @@ a face only they find is not taught (the photo is counted without faces) rather 
 will see (docs/design.md, "photos"). Faces the teacher cannot label are counted by reason and skipped, never
 guessed: ``below_min_score`` (dlib's score under ``data.photos.min_score``; default 0, dlib's own threshold, keeps
 every detection), ``outside_image`` (more than :data:`MAX_OUTSIDE` of the 68 points outside the image: a face cut by the
-border) and whatever :func:`facemarks.sources.face_problem` refuses (``zero_area_box``, ``absurd_coordinates`` …).
+border) and whatever :func:`facemarks.validate.face_problem` refuses (``zero_area_box``, ``absurd_coordinates`` …).
 
 Cache: one JSON per image, ``<cache_dir>/<sha256 of the file>.json`` (detections + points, the teacher's id): a
 rerun, a renamed file or a second folder holding the same photo does not run dlib again; an entry written by another
@@ -43,10 +43,13 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from facemarks import peers
 from facemarks.atomic import atomic_write_text
-from facemarks.io import IMAGE_SUFFIXES, DataError, Face, ImageRecord, in_image, list_images, read_image
+from facemarks.detect import dlib_boxes, map_box
+from facemarks.hashing import file_sha256
+from facemarks.io import DataError, Face, ImageRecord, in_image, photo_files, read_image
 from facemarks.params import Photos
-from facemarks.sources import face_problem, file_sha256
+from facemarks.validate import bad_item, face_problem
 
 TEACHER = "dlib68"            #: the teacher's name in the record
 TEACHER_VERSION = 1           #: bump when the labelling rule changes: older cache entries are recomputed
@@ -58,20 +61,13 @@ MAX_OUTSIDE = 6
 
 # ================================================================================================ preflight
 def preflight(cfg: Photos) -> list[Path]:
-    """The image files of ``cfg.path`` (:func:`facemarks.io.list_images`), checked before any work.
+    """The image files of ``cfg.path`` (the photo-folder lister :func:`facemarks.io.photo_files`), checked before
+    any work.
 
     Raises :class:`DataError` with one line naming ``data.photos.path`` when the folder is missing or holds no
     image, or naming ``data.source`` when dlib (the ``peers`` extra) cannot run.
     """
-    folder = Path(cfg.path).expanduser()
-    if not folder.is_dir():
-        raise DataError(f"data.photos.path = {cfg.path!r}: not a folder")
-    files = list_images(folder)
-    if not files:
-        raise DataError(f"data.photos.path = {cfg.path!r}: no image files in it (suffixes "
-                        f"{', '.join(IMAGE_SUFFIXES)}; subfolders are not searched)")
-    from facemarks import peers
-
+    files = photo_files(cfg.path, key="data.photos.path")
     reason = peers.unavailable_reason()
     if reason:
         raise DataError(f"data.source = photos needs dlib's 68-point predictor as teacher: {reason}")
@@ -121,10 +117,8 @@ class Teacher:
     @property
     def id(self) -> dict[str, Any]:
         """What the cache entries depend on."""
-        from facemarks.peers import MODEL_FILE
-
-        return {"teacher": TEACHER, "version": TEACHER_VERSION, "upsample": self.upsample, "predictor": MODEL_FILE,
-                "detector": "dlib.get_frontal_face_detector"}
+        return {"teacher": TEACHER, "version": TEACHER_VERSION, "upsample": self.upsample,
+                "predictor": peers.MODEL_FILE, "detector": "dlib.get_frontal_face_detector"}
 
     def counters(self) -> dict[str, int]:
         return {"teacher_detector_calls": self.detector_calls, "teacher_predictor_calls": self.predictor_calls,
@@ -132,15 +126,11 @@ class Teacher:
 
     def _model(self):
         if self._dlib is None:
-            from facemarks.peers import Dlib68
-
-            self._dlib = Dlib68()
+            self._dlib = peers.Dlib68()
         return self._dlib
 
     def detections(self, image: np.ndarray) -> list[tuple[tuple, float, int]]:
         """dlib's raw detections ``[(box, score, component)]``, best first (:func:`facemarks.detect.dlib_boxes`)."""
-        from facemarks.detect import dlib_boxes
-
         self.detector_calls += 1
         return dlib_boxes(image, self.upsample)
 
@@ -200,8 +190,6 @@ class Teacher:
 
 def _accept(det: dict, width: int, height: int, min_score: float = 0.0) -> tuple[Labelled | None, str]:
     """A cached detection → :class:`Labelled`, or ``(None, reason)`` when the teacher's label is not usable."""
-    from facemarks.detect import map_box
-
     if float(det["score"]) < min_score:
         return None, "below_min_score"
     points = np.asarray(det["points"], np.float64).reshape(-1, 2)
@@ -246,8 +234,6 @@ def photo_items(files: list[Path], cfg: Photos, seed: int, teacher: Teacher, on_
     (same SHA-256) count once — the first by name — so one photo can never sit in both splits. An undecodable file
     stops the stage (``data.on_bad: error``) or is skipped and counted as ``bad_image`` (``skip``).
     """
-    from facemarks.sources import _bad
-
     unique: dict[str, Path] = {}
     n_identical = 0
     for path in sorted(files):
@@ -267,7 +253,7 @@ def photo_items(files: list[Path], cfg: Photos, seed: int, teacher: Teacher, on_
             try:
                 labels = teacher.label(path, sha256=by_path[path])
             except DataError as exc:
-                _bad(on_bad, skipped, "bad_image", str(exc))
+                bad_item(on_bad, skipped, "bad_image", str(exc))
                 continue
             for reason, k in labels.skipped.items():
                 faces_skipped[reason] = faces_skipped.get(reason, 0) + k

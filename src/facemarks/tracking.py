@@ -12,11 +12,10 @@ import numbers
 import os
 import subprocess
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from facemarks.params import flatten
+from facemarks.params import flatten, load_params
 
 STORE_NAME = "mlflow.db"
 # What a team sees in the MLflow UI (README "Working as a team"):
@@ -25,8 +24,6 @@ PIPELINE_TAG = "facemarks.pipeline_id"  # shared by the stage runs of one reprod
 PIPELINE_ENV = "FACEMARKS_PIPELINE_ID"  # set it to force one id (a driver script, a multi-node launch)
 MODEL_HASH_TAG = "facemarks.model_md5"  # on a train run: md5 of the model.pt it wrote (finds "the run of this file")
 EVAL_HASH_TAG = "facemarks.eval_md5"  # on the evaluate run: md5 of the metrics/eval.json it wrote
-REGISTERED_MODEL = "facemarks"  # Model Registry name of the evaluated winner ...
-CHAMPION_ALIAS = "champion"  # ... and its alias: models:/facemarks@champion
 _OPENED: dict[str, str] = {}  # run name -> id of the run :func:`start_run` last opened in this process
 
 
@@ -77,7 +74,7 @@ def context_tags(stage: str) -> dict[str, str]:
     return tags
 
 
-def _quiet_mlflow() -> None:
+def quiet_mlflow() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_LOGGED_MODEL_CREATION", "true")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
     warnings.filterwarnings("ignore", module="mlflow")
@@ -95,7 +92,7 @@ def start_run(stage: str, run_name: str, params: dict[str, Any] | None = None, t
     ``experiment`` defaults to ``base.experiment`` from ``params.yaml`` (or ``"facemarks"``).
     Yields the active ``mlflow.ActiveRun``.
     """
-    _quiet_mlflow()
+    quiet_mlflow()
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
@@ -166,7 +163,7 @@ def file_md5(path: str | Path) -> str:
 
 def find_run(tags: dict[str, str], experiment: str | None = None) -> str | None:
     """The latest run (of ``experiment``, default ``base.experiment``) carrying all ``tags``; None when none does."""
-    _quiet_mlflow()
+    quiet_mlflow()
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri())
@@ -178,87 +175,8 @@ def find_run(tags: dict[str, str], experiment: str | None = None) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def register_champion(run_id: str, tags: dict[str, str] | None = None, name: str = REGISTERED_MODEL,
-                      alias: str | None = CHAMPION_ALIAS, model_name: str = "model") -> Any:
-    """Register the PyTorch model (``model_name``, as :func:`facemarks.train.log_mlflow` names it) logged by train run
-    ``run_id`` as a new version of ``name`` and point ``alias`` at it (None: leave the aliases alone).
-
-    ``tags`` go on the model version (the evaluate stage puts the loss, the best decoder and the test NME there).
-    Returns the ``ModelVersion``.
-    """
-    _quiet_mlflow()
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri())
-    client = mlflow.MlflowClient(tracking_uri())
-    run = client.get_run(run_id)
-    logged = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
-                                         filter_string=f"source_run_id = '{run_id}'")
-    logged = [m for m in logged if m.name == model_name]  # not the ONNX export the run may also carry
-    if not logged:
-        raise RuntimeError(f"MLflow run {run_id} has no logged model {model_name!r} to register")
-    latest = max(logged, key=lambda m: m.creation_timestamp)
-    version = mlflow.register_model(f"models:/{latest.model_id}", name, tags=tags)
-    if alias:
-        client.set_registered_model_alias(name, alias, version.version)
-    return version
-
-
-@dataclass(frozen=True)
-class RegisteredModel:
-    """What ``facemarks predict`` needs from the Model Registry: the network and how it was trained."""
-
-    model: Any  # facemarks.model.HeatmapNet in eval mode
-    loss: str  # mse | bce
-    input_size: int  # crop side (px)
-    sigma: float  # heatmap Gaussian sigma (map px)
-    decoder: str  # the best decoder on the test set (model version tag), else the training one
-    uri: str  # models:/<name>@<alias> or models:/<name>/<version>
-    version: str
-
-
-def load_registered_model(uri: str, device: str = "cpu") -> RegisteredModel:
-    """Load ``models:/facemarks@champion`` (any ``models:/`` URI of a model logged by the train stage).
-
-    The weights come from the state dict stored inside the logged model (``extra_files/model.pt``, loaded with
-    ``weights_only=True``), the loss / input size / sigma from its metadata, the decoder from the version's tags.
-    """
-    _quiet_mlflow()
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri())
-    try:
-        info = mlflow.models.get_model_info(uri)
-    except mlflow.exceptions.MlflowException as exc:  # no such model or alias: one line, not a traceback
-        raise RuntimeError(f"{uri} not found at {tracking_uri()}: {exc.message}") from exc
-    meta = (info.metadata or {}).get("facemarks")
-    if not meta:
-        raise RuntimeError(f"{uri} was not logged by the facemarks train stage (no facemarks metadata)")
-    client = mlflow.MlflowClient(tracking_uri())
-    name, _, ref = uri[len("models:/"):].partition("@")
-    if ref:
-        version = client.get_model_version_by_alias(name, ref)
-    else:
-        name, _, number = name.partition("/")
-        version = client.get_model_version(name, number) if number.isdigit() else None
-    import tempfile
-
-    from facemarks.model import load_model
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = mlflow.artifacts.download_artifacts(artifact_uri=f"{uri.rstrip('/')}/extra_files/model.pt",
-                                                   dst_path=tmp)
-        model = load_model(path, device)
-    tags = version.tags if version is not None else {}
-    return RegisteredModel(model=model, loss=meta["loss"], input_size=int(meta["input_size"]),
-                           sigma=float(meta["sigma"]), decoder=tags.get("decoder", meta["decoder"]), uri=uri,
-                           version=str(version.version) if version is not None else "")
-
-
 def _experiment_from_params() -> str:
     try:
-        from facemarks.params import load_params
-
         return load_params().base.experiment
     except Exception:
         return "facemarks"
@@ -267,8 +185,6 @@ def _experiment_from_params() -> str:
 def _study_from_params() -> str:
     """``base.study`` from ``params.yaml`` in the working directory; empty without a readable params file."""
     try:
-        from facemarks.params import load_params
-
         return load_params().base.study
     except Exception:
         return ""

@@ -41,6 +41,8 @@ from facemarks.atomic import atomic_path, atomic_write_json, atomic_write_text
 from facemarks.codec import HeatmapCodec, in_map, to_map
 from facemarks.model import LOSSES, STRIDE, HeatmapNet, build_model, heatmap_loss, outputs_to_heatmaps
 from facemarks.model import load_model  # noqa: F401 (moved to facemarks.model; facemarks.train.load_model still works)
+from facemarks.store import read_split
+from facemarks.tracking import MODEL_HASH_TAG, file_md5, tracking_uri
 
 log = logging.getLogger("facemarks.train")
 
@@ -135,8 +137,6 @@ class TrainData:
 
 def load_data(augmented_dir: str | Path, heatmaps_dir: str | Path) -> TrainData:
     """Memory-map ``<augmented_dir>/{train,val}/`` split folders and ``<heatmaps_dir>/{train,val}.npy``."""
-    from facemarks.store import read_split
-
     splits = {}
     for name in ("train", "val"):
         split = read_split(Path(augmented_dir) / name)
@@ -190,17 +190,6 @@ class FitResult:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> ``cuda`` (this process's ``LOCAL_RANK``) if available, else ``cpu``."""
-    if name not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"resolve_device: unknown device {name!r}; allowed: auto, cpu, cuda")
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise RuntimeError("train.device = cuda but no CUDA device is available (use auto or cpu)")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-
-
 def init_distributed(device: torch.device) -> tuple[int, int]:
     """Join the ``torchrun`` process group when ``WORLD_SIZE`` > 1 (NCCL on CUDA, gloo on CPU) -> (rank, world)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -436,7 +425,7 @@ def fit(
         data: train and val splits (targets at 1/4 of the input size).
         checkpoint_dir: ``last.pt`` is written there after every epoch (rank 0, atomically). A checkpoint
             with the same fingerprint (:func:`fingerprint`) is resumed; any other one is replaced.
-        device: torch device (see :func:`resolve_device`).
+        device: torch device (see :func:`facemarks.device.resolve_device`).
         on_epoch: called with each new history row after its checkpoint is saved.
         run_id: stored in the checkpoint so that a resumed stage continues the same MLflow run
             (read it back with :func:`load_checkpoint`).
@@ -633,7 +622,7 @@ def log_mlflow(result: FitResult) -> None:
     The model is logged with a ``(2, 1, S, S)`` input example (signature with a free batch axis), the state dict as
     ``extra_files/model.pt`` (byte-identical to ``models/<loss>/model.pt``, tag ``facemarks.model_md5``) and the
     ``facemarks`` metadata a loader needs (loss, input size, sigma, decoder): see
-    :func:`facemarks.tracking.load_registered_model`."""
+    :func:`facemarks.registry.load_registered_model`."""
     import matplotlib.pyplot as plt
     import mlflow
     import mlflow.pytorch
@@ -649,8 +638,6 @@ def log_mlflow(result: FitResult) -> None:
     mlflow.log_figure(fig, f"loss_curves_{result.loss}.png")
     plt.close(fig)
     import tempfile
-
-    from facemarks.tracking import MODEL_HASH_TAG, file_md5
 
     model = result.model.to("cpu").eval()
     example = np.zeros((2, 1, s["input_size"], s["input_size"]), np.float32)  # batch 2: the batch axis stays free
@@ -671,8 +658,6 @@ def existing_run_id(run_id: str | None) -> str | None:
         return None
     import mlflow
     from mlflow.exceptions import MlflowException
-
-    from facemarks.tracking import tracking_uri
 
     try:
         mlflow.MlflowClient(tracking_uri()).get_run(run_id)
