@@ -85,7 +85,7 @@ def main() -> None:
             for k in ("dlib_nme_mean", "dlib_nme_median", "detector_hit_rate", "mean_shape_nme_mean",
                       "mean_shape_nme_median", "dlib_ms_per_face"):
                 print(f"  {k:<24} {r[k]:8.3f}")
-            print(f"  goals: dlib_nme_mean ≤ 6, detector_hit_rate ≥ 0.9")
+            print("  goals: dlib_nme_mean ≤ 6, detector_hit_rate ≥ 0.9")
         else:
             result["realism"] = None
             print(f"realism skipped: {peers.unavailable_reason()}")

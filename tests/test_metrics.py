@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from facemarks import metrics
 from facemarks.augment import apply_transform, crop_transform, face_crop, invert_points
 from facemarks.landmarks import REGIONS
 from facemarks.metrics import (auc_fr, ced, ced_csv, crop_to_original, face_metrics, mean_shape,

@@ -19,7 +19,6 @@ def _sections():
 
     def walk(cls, prefix):
         for f in dataclasses.fields(cls):
-            tp = cls.__annotations__[f.name]
             sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
             if sub is not None and dataclasses.is_dataclass(sub):
                 out.append((f"{prefix}{f.name}", type(sub)))
