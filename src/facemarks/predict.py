@@ -186,8 +186,8 @@ def predict_image(model: torch.nn.Module | OnnxHeatmaps, image: np.ndarray, loss
                   device: str | torch.device = "cpu", detector: str = "auto",
                   flip: bool = False) -> list[dict[str, Any]]:
     """Predict every face of an image (or the one in ``box``): ``[{"box", "points" (K, 2) image px, "confidence"
-    (K,), "landmark_confidence", "detector", "rotation", "merged", "score", "detector_box"}]``; ``[]`` when no face
-    is found.
+    (K,), "landmark_confidence", "detector", "rotation", "scale", "merged", "score", "detector_box"}]``; ``[]`` when
+    no face is found.
 
     Faces come from :func:`facemarks.detect.detect` with ``detector`` (boxes mapped to the training convention,
     overlapping detections of one face merged); a given ``box`` is used as-is (``detector`` ``"given"``, ``score``
@@ -204,7 +204,8 @@ def predict_image(model: torch.nn.Module | OnnxHeatmaps, image: np.ndarray, loss
                                  decoder=decoder, device=device, flip=flip)
     faces = [{"box": [float(v) for v in d.box], "points": points[i], "confidence": conf[i],
               "landmark_confidence": float(np.mean(conf[i])), "detector": d.detector, "rotation": float(d.rotation),
-              "merged": list(d.merged), "score": d.score, "detector_box": [float(v) for v in d.raw_box]}
+              "merged": list(d.merged), "score": d.score, "detector_box": [float(v) for v in d.raw_box],
+              "scale": float(d.scale)}
              for i, d in enumerate(found)]
     return sorted(faces, key=face_rank, reverse=True)  # stable: ties keep the detector's order
 
@@ -219,7 +220,8 @@ def face_rank(face: dict[str, Any]) -> float:
 
 def face_to_json(face: dict[str, Any]) -> dict[str, Any]:
     """A :func:`predict_image` face as plain JSON types (points as ``[[x, y], ...]`` image px; ``rotation``: degrees
-    counter-clockwise of the image copy the detector found the face on, 0 = the image itself; ``merged``: the other
+    counter-clockwise of the image copy the detector found the face on, 0 = the image itself; ``scale``: that copy's
+    resize factor, e.g. the CNN's downscaled copy, 1 = the image itself; ``merged``: the other
     detectors that found the same face, e.g. ``["cnn", "hog@30"]``)."""
     out = {"box": [round(float(v), 2) for v in face["box"]],
            "points": np.round(np.asarray(face["points"], np.float64), 3).tolist(),
@@ -229,6 +231,7 @@ def face_to_json(face: dict[str, Any]) -> dict[str, Any]:
     if "detector" in face:
         score = face.get("score")
         out.update(detector=face["detector"], rotation=float(face.get("rotation", 0.0)),
+                   scale=round(float(face.get("scale", 1.0)), 4),
                    merged=list(face.get("merged", [])), score=None if score is None else round(float(score), 4),
                    detector_box=[round(float(v), 2) for v in face.get("detector_box", face["box"])])
     return out
