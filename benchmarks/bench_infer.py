@@ -55,7 +55,7 @@ import torch
 from facemarks import detect as detection
 from facemarks import peers
 from facemarks.atomic import atomic_write_json
-from facemarks.augment import face_crop, invert_points
+from facemarks.crops import face_crop, invert_points
 from facemarks.export import QUANT_FORMATS, calibration_sample, export_onnx, quantize_int8
 from facemarks.inference import make_codec, predict_heatmaps, time_per_face
 from facemarks.io import box_iou, list_images, read_image, write_image

@@ -61,9 +61,10 @@ def main() -> None:
         q = report[loss]["int8"] = export.quantize_and_check(
             paths[loss], train_images, test, sigma=params.encode.sigma, margin=params.augment.margin,
             fmt=cfg.format, method=cfg.calibration, calibration_faces=cfg.calibration_faces, seed=cfg.seed,
-            tolerance=cfg.tolerance_nme, photos=photos)
+            tolerance=cfg.tolerance_nme, weights=cfg.weights, photos=photos)
         deltas = ", ".join(f"{name} {c['max_nme_delta']:+.3f}" for name, c in q["checks"].items())
-        print(f"export: {int8_path}: int8 ({cfg.format}, {cfg.calibration}, {q['calibration_faces']} crops) NME "
+        print(f"export: {int8_path}: int8 ({cfg.format}, {q['weights']} weights, {cfg.calibration}, "
+              f"{q['calibration_faces']} crops) NME "
               f"points lost vs fp32: {deltas} (tolerance {cfg.tolerance_nme:g}): "
               + ("passed" if q["ok"] else "FAILED, predict keeps fp32"))
     atomic_write_json("metrics/export.json", report)

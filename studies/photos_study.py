@@ -141,7 +141,7 @@ def run(cmd: list[str], work: Path) -> float:
 
 def measure(work: Path, val: list[Path]) -> dict:
     """The MSE model of ``work`` on the validation photos, the bundled portraits and the synthetic test split."""
-    from facemarks.augment import invert_points
+    from facemarks.crops import invert_points
     from facemarks.detect import map_box
     from facemarks.evaluation import real_photo_rows
     from facemarks.inference import predict_crops

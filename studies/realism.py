@@ -73,7 +73,7 @@ def run_stages(work: Path, code: Path = ROOT, data_only: bool = False) -> dict[s
 def measure(work: Path) -> dict:
     """The MSE model of ``work`` on its synthetic test split and on the bundled real portraits (DARK decoder), with the
     library's own scoring: :func:`facemarks.inference.predict_crops` and :func:`facemarks.evaluation.real_photo_rows`."""
-    from facemarks.augment import invert_points
+    from facemarks.crops import invert_points
     from facemarks.evaluation import real_photo_rows
     from facemarks.inference import predict_crops
     from facemarks.metrics import nme, normaliser

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from skimage.draw import disk
 
-from facemarks.augment import (apply_transform, augment_matrix, build_splits, contact_sheet, crop_transform,
-                               face_crop, invert_points, make_sample, make_samples, run_augment, sample_rng, split_val, warp_gray,
-                               write_contact_sheet)
+from facemarks.augment import (augment_matrix, build_splits, contact_sheet, make_sample, make_samples, run_augment,
+                               sample_rng, split_val, write_contact_sheet)
+from facemarks.crops import apply_transform, crop_transform, face_crop, invert_points, warp_gray
 from facemarks.io import Face, ImageRecord, read_image, write_dlib_xml, write_image
 from facemarks.landmarks import LEFT_EYE, MIRROR, RIGHT_EYE
 from facemarks.params import Augment

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from facemarks.augment import apply_transform, crop_transform, face_crop, invert_points
+from facemarks.crops import apply_transform, crop_transform, face_crop, invert_points
 from facemarks.landmarks import REGIONS
 from facemarks.metrics import (auc_fr, ced, ced_csv, crop_to_original, face_metrics, mean_shape,
                                mean_shape_predictions, nme, normaliser, region_nme)

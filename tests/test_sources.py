@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from facemarks import sources
+from facemarks import local, sources, synthetic
 from facemarks.io import DataError, Face, ImageRecord, read_dlib_xml, write_dlib_xml, write_image, write_pts
 from facemarks.params import Data, Ibug300w, Local, Synthetic
 
@@ -45,8 +45,8 @@ def make_images(folder: Path, n: int, seed: int = RNG_SEED, size: tuple[int, int
     return records
 
 
-def local_data(path: Path, on_bad: str = "error", test_fraction: float = 0.25) -> Data:
-    return Data(source="local", on_bad=on_bad, local=Local(path=str(path), test_fraction=test_fraction))
+def local_data(path: Path, on_bad: str = "error", test_fraction: float = 0.25, **local: str) -> Data:
+    return Data(source="local", on_bad=on_bad, local=Local(path=str(path), test_fraction=test_fraction, **local))
 
 
 def xml_folder(tmp_path: Path, n_train: int = 4, n_test: int = 2) -> tuple[Path, list[ImageRecord]]:
@@ -367,7 +367,7 @@ def test_local_pts_folder_converts_one_indexed_points(tmp_path):
     first = (src / "sub" / "img00.pts").read_text().split("{")[1].split()[:2]
     np.testing.assert_allclose([float(v) for v in first], records[0].faces[0].points[0] + 1)
     out = tmp_path / "raw"
-    summary = sources.fetch(local_data(src, test_fraction=0.4), 3, out)
+    summary = sources.fetch(local_data(src, test_fraction=0.4, box="tight"), 3, out)
     assert (summary["n_train_images"], summary["n_test_images"]) == (3, 2)
     got = {Path(r.file).name: r for r in read_dlib_xml(out / "train.xml") + read_dlib_xml(out / "test.xml")}
     for rec in records:
@@ -377,6 +377,12 @@ def test_local_pts_folder_converts_one_indexed_points(tmp_path):
         assert face.box == pytest.approx((pts[:, 0].min(), pts[:, 1].min(), np.ptp(pts[:, 0]) + 1,
                                           np.ptp(pts[:, 1]) + 1), abs=1e-3)
         assert face.in_box().all()
+    # the default box rule of a points-only face: the training-box convention of the synthetic faces
+    sources.fetch(local_data(src, test_fraction=0.4), 3, out)
+    got = {Path(r.file).name: r for r in read_dlib_xml(out / "train.xml") + read_dlib_xml(out / "test.xml")}
+    for rec in records:
+        got_pts = got[rec.file].faces[0].points
+        assert got[rec.file].faces[0].box == pytest.approx(synthetic.face_box(got_pts), abs=1e-3)
 
 
 def test_single_list_split_is_seeded_and_deterministic(tmp_path):
@@ -398,9 +404,9 @@ def test_single_list_split_is_seeded_and_deterministic(tmp_path):
 
 def test_seeded_split_keeps_one_of_each():
     items = [(Path(f"/x/{i}.png"), ImageRecord(file=f"{i}.png")) for i in range(3)]
-    s = sources.seeded_split(items, 0.01, 0)
+    s = local.seeded_split(items, 0.01, 0)
     assert len(s["test"]) == 1 and len(s["train"]) == 2
-    s = sources.seeded_split(items, 1.0, 0)
+    s = local.seeded_split(items, 1.0, 0)
     assert len(s["test"]) == 2 and len(s["train"]) == 1
 
 

@@ -37,9 +37,9 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 from skimage.draw import disk, line_aa
-from skimage.transform import ProjectiveTransform, warp
 
-from facemarks import portable
+from facemarks import groups, portable
+from facemarks.crops import LUMA, antialias_sigma, apply_transform, crop_transform, in_crop, prepare_source, to_uint8, translation, warp_source
 from facemarks.atomic import atomic_dir
 from facemarks.io import DataError, ImageRecord, read_dlib_xml, read_image, write_image
 from facemarks.landmarks import LEFT_EYE, MIRROR, N_POINTS, RIGHT_EYE
@@ -51,31 +51,9 @@ log = logging.getLogger("facemarks.augment")
 #: split name -> id used in the per-sample seed.
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 _VAL_SEED_TAG = 7  # SeedSequence tag of the train/val image split
-_LUMA = np.array([0.2125, 0.7154, 0.0721], dtype=np.float32)  # skimage.color.rgb2gray weights
 
 
 # ----------------------------------------------------------------------------------------------- geometry
-def _translation(tx: float, ty: float) -> np.ndarray:
-    return np.array([[1.0, 0.0, tx], [0.0, 1.0, ty], [0.0, 0.0, 1.0]])
-
-
-def crop_transform(box: tuple[float, float, float, float], size: int, margin: float) -> np.ndarray:
-    """``(3, 3)`` affine original px → crop px for a square crop around ``box = (left, top, width, height)``.
-
-    The box covers pixels ``left .. left + width - 1`` (edges at ``left - 0.5`` and ``left + width - 0.5``);
-    the crop is a square of side ``max(width, height) * (1 + 2 * margin)`` centred on the box and mapped onto
-    ``[-0.5, size - 0.5]``.
-    """
-    left, top, w, h = (float(v) for v in box)
-    if not (w > 0 and h > 0):
-        raise ValueError(f"crop_transform: box {box} must have positive width and height")
-    side = max(w, h) * (1.0 + 2.0 * margin)
-    k = size / side
-    cx, cy = left + (w - 1.0) / 2.0, top + (h - 1.0) / 2.0
-    c = (size - 1.0) / 2.0
-    return portable.matmul(portable.matmul(_translation(c, c), np.diag([k, k, 1.0])), _translation(-cx, -cy))
-
-
 def augment_matrix(size: int, angle_deg: float, scale: float, shift: tuple[float, float], flip: bool) -> np.ndarray:
     """``(3, 3)`` crop px → crop px: rotate by ``angle_deg`` and scale about the crop centre, shift, then flip."""
     c = (size - 1.0) / 2.0
@@ -83,110 +61,12 @@ def augment_matrix(size: int, angle_deg: float, scale: float, shift: tuple[float
     cos_a, sin_a = portable.cos(a), portable.sin(a)
     rs = np.array([[scale * cos_a, -scale * sin_a, 0.0], [scale * sin_a, scale * cos_a, 0.0],
                    [0.0, 0.0, 1.0]])
-    m = portable.matmul(portable.matmul(_translation(c + shift[0], c + shift[1]), rs), _translation(-c, -c))
+    m = portable.matmul(portable.matmul(translation(c + shift[0], c + shift[1]), rs), translation(-c, -c))
     if flip:
         m = portable.matmul(np.array([[-1.0, 0.0, size - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]), m)
     return m
 
 
-def apply_transform(points: np.ndarray, T: np.ndarray) -> np.ndarray:
-    """Map points with ``[x, y, 1] @ T.T`` → float64, same shape as ``points``.
-
-    ``T (3, 3)`` maps every point ``(..., 2)``; ``T (N, 3, 3)`` maps each sample of ``points (N, K, 2)`` with its own.
-    """
-    p = np.asarray(points, dtype=np.float64)
-    T = np.asarray(T, dtype=np.float64)
-    if T.ndim == 2:
-        h = portable.matmul(p, T[:2, :2].T) + T[:2, 2]
-        w = portable.weighted_sum(p, T[2, :2]) + T[2, 2]
-    else:
-        h = portable.matmul(p, np.swapaxes(T[:, :2, :2], 1, 2)) + T[:, None, :2, 2]
-        w = portable.weighted_sum(p, T[:, None, 2, :2]) + T[:, None, 2, 2]
-    return h / w[..., None]
-
-
-def invert_points(points: np.ndarray, T: np.ndarray) -> np.ndarray:
-    """Crop px → original px: points mapped with ``inverse(T)`` (``T (3, 3)`` or ``(N, 3, 3)``, see
-    :func:`apply_transform`) → float64, same shape as ``points``."""
-    return apply_transform(points, portable.inv3(np.asarray(T, dtype=np.float64)))
-
-
-def in_crop(points: np.ndarray, size: int) -> np.ndarray:
-    """``points (..., 2)`` → bool ``(...)``: finite and inside ``[-0.5, size - 0.5]`` on both axes."""
-    p = np.asarray(points, dtype=np.float64)
-    with np.errstate(invalid="ignore"):
-        return np.isfinite(p).all(-1) & ((p >= -0.5) & (p <= size - 0.5)).all(-1)
-
-
-def _gray_float(image: np.ndarray, weights: np.ndarray = _LUMA) -> np.ndarray:
-    """``(H, W)`` or ``(H, W, 3)`` uint8 → ``(H, W)`` float32 in ``[0, 255]`` (RGB ``weights``, default luma)."""
-    if image.ndim == 2:
-        return image.astype(np.float32)
-    return portable.weighted_sum(image[..., :3].astype(np.float32), np.asarray(weights, np.float32))
-
-
-def antialias_sigma(T: np.ndarray) -> float:
-    """Gaussian pre-filter sigma (source px) for a transform that shrinks by ``k``: ``max(0, (1/k - 1) / 2)``,
-    as ``skimage.transform.resize`` anti-aliasing."""
-    k = math.sqrt(abs(portable.det2(np.asarray(T, dtype=np.float64))))  # crop px per source px
-    return max(0.0, (1.0 / k - 1.0) / 2.0)
-
-
-def _source(image: np.ndarray, transforms: list[np.ndarray], size: int, sigma: float, weights: np.ndarray = _LUMA):
-    """The part of ``image`` that the crops of ``transforms`` see, as float gray, low-passed with ``sigma``.
-
-    Returns ``(sub (h, w) float64, x0, y0)`` (``sub`` starts at pixel ``(x0, y0)``), or None when no crop
-    touches the image.
-    """
-    e = size - 0.5
-    box = np.array([[-0.5, -0.5], [e, -0.5], [-0.5, e], [e, e]])
-    corners = np.concatenate([apply_transform(box, portable.inv3(T)) for T in transforms])
-    pad = 2 + int(math.ceil(4 * sigma))
-    hgt, wid = image.shape[:2]
-    x0 = max(int(math.floor(corners[:, 0].min())) - pad, 0)
-    y0 = max(int(math.floor(corners[:, 1].min())) - pad, 0)
-    x1 = min(int(math.ceil(corners[:, 0].max())) + pad + 1, wid)
-    y1 = min(int(math.ceil(corners[:, 1].max())) + pad + 1, hgt)
-    if x1 <= x0 or y1 <= y0:
-        return None
-    sub = _gray_float(image[y0:y1, x0:x1], weights)
-    if sigma > 0:
-        sub = portable.gaussian_filter(sub, sigma, mode="nearest")
-    return sub.astype(np.float64, copy=False), x0, y0
-
-
-def _warp_source(src, T: np.ndarray, size: int) -> np.ndarray:
-    """ONE bilinear ``skimage.transform.warp`` of a :func:`_source` region → ``(size, size)`` float64."""
-    if src is None:
-        return np.zeros((size, size))
-    sub, x0, y0 = src
-    t_sub = portable.matmul(np.asarray(T, dtype=np.float64), _translation(x0, y0))  # sub-image px -> crop px
-    return warp(sub, ProjectiveTransform(matrix=portable.inv3(t_sub)), output_shape=(size, size), order=1,
-                mode="constant", cval=0.0, preserve_range=True)
-
-
-def warp_gray(image: np.ndarray, T: np.ndarray, size: int) -> np.ndarray:
-    """Warp ``image (H, W[, 3])`` into a ``(size, size)`` float64 grayscale crop with ``T`` (original → crop px).
-
-    Only the source region the crop sees is converted to gray; when the crop shrinks the image it is first
-    low-passed (:func:`antialias_sigma`), then ONE bilinear ``skimage.transform.warp`` samples it (skimage maps
-    output ``(col, row) = (x, y)`` with pixel centres at integers, our convention). Outside the image: 0.
-    """
-    return _warp_source(_source(image, [T], size, antialias_sigma(T)), T, size)
-
-
-def face_crop(image: np.ndarray, box: tuple[float, float, float, float], size: int,
-              margin: float) -> tuple[np.ndarray, np.ndarray]:
-    """Crop-only sample of a face: ``image (H, W[, 3])`` uint8 → crop ``(size, size)`` uint8 and ``T (3, 3)``."""
-    T = crop_transform(box, size, margin)
-    return _to_uint8(warp_gray(image, T, size)), T
-
-
-def _to_uint8(img: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
-
-
-# ----------------------------------------------------------------------------------------------- randomness
 def sample_rng(seed: int, split: str, index: int, copy: int) -> np.random.Generator:
     """The generator of one sample: ``SeedSequence((seed, split_id, index, copy))``."""
     return np.random.default_rng(np.random.SeedSequence((seed, SPLIT_IDS[split], index, copy)))
@@ -240,14 +120,14 @@ def motion_kernel(length: float, angle: float) -> np.ndarray:
 def jpeg_roundtrip(img: np.ndarray, quality: int) -> np.ndarray:
     """Encode a float gray image ``(S, S)`` as JPEG at ``quality`` and decode it (float32, [0, 255])."""
     buf = _bytes_io.BytesIO()
-    Image.fromarray(_to_uint8(img), mode="L").save(buf, format="JPEG", quality=int(quality))
+    Image.fromarray(to_uint8(img), mode="L").save(buf, format="JPEG", quality=int(quality))
     buf.seek(0)
     return np.asarray(Image.open(buf), np.float32)
 
 
 def colour_cast_weights(rng: np.random.Generator, strength: float) -> np.ndarray:
     """RGB → gray weights ``(3,)`` (sum 1): luma with each channel scaled by ``1 ± strength`` (white balance, film)."""
-    w = _LUMA * rng.uniform(1 - strength, 1 + strength, 3).astype(np.float32)
+    w = LUMA * rng.uniform(1 - strength, 1 + strength, 3).astype(np.float32)
     return w / w.sum()
 
 
@@ -266,21 +146,21 @@ def make_samples(image: np.ndarray, box: tuple[float, float, float, float], poin
     transforms = [base if g is None else
                   portable.matmul(augment_matrix(cfg.size, g["angle"], g["scale"], g["shift"], g["flip"]), base)
                   for g in geos]
-    src = _source(image, transforms, cfg.size, antialias_sigma(base))
+    src = prepare_source(image, transforms, cfg.size, antialias_sigma(base))
     style = next((r for r in rngs if r is not None), None)  # per-face style from the first augmented copy's stream
     src_cast = src
     if style is not None and cfg.colour_cast > 0 and np.ndim(image) == 3:
-        src_cast = _source(image, transforms, cfg.size, antialias_sigma(base), colour_cast_weights(style, cfg.colour_cast))
+        src_cast = prepare_source(image, transforms, cfg.size, antialias_sigma(base), colour_cast_weights(style, cfg.colour_cast))
     out = []
     for rng, geo, T in zip(rngs, geos, transforms):
-        img = _warp_source(src if rng is None else src_cast, T, cfg.size)
+        img = warp_source(src if rng is None else src_cast, T, cfg.size)
         if rng is not None:
             img = photometric(img, rng, cfg)
         flip = bool(geo and geo["flip"])
         orig = np.asarray(points, dtype=np.float64)
         orig = orig[MIRROR] if flip else orig.copy()
         pts = apply_transform(orig, T)
-        out.append({"image": _to_uint8(img), "points": pts.astype(np.float32), "visible": in_crop(pts, cfg.size),
+        out.append({"image": to_uint8(img), "points": pts.astype(np.float32), "visible": in_crop(pts, cfg.size),
                     "transform": T, "orig_points": orig, "flip": flip})
     return out
 
@@ -314,13 +194,28 @@ def _run_tasks(tasks: list[tuple], workers: int) -> list[list[dict[str, Any]]]:
         return list(pool.map(_process_image, tasks, chunksize=chunk))
 
 
-def split_val(n_images: int, val_fraction: float, seed: int) -> np.ndarray:
-    """Sorted indices of the TRAIN images that form the validation split (seeded, by image)."""
-    n_val = int(round(val_fraction * n_images))
-    if val_fraction > 0 and n_images >= 2:
-        n_val = min(max(n_val, 1), n_images - 1)
+def split_val(n_images: int, val_fraction: float, seed: int, image_groups: list[str] | None = None) -> np.ndarray:
+    """Sorted indices of the TRAIN images that form the validation split: whole person groups
+    (:func:`facemarks.groups.group_split`, seeded), ``image_groups`` (n_images,) naming each image's group; without
+    it every image is its own group (the split by image)."""
+    names = image_groups if image_groups is not None else [str(i) for i in range(n_images)]
+    if len(names) != n_images:
+        raise ValueError(f"split_val: {len(names)} groups for {n_images} images")
     rng = np.random.default_rng(np.random.SeedSequence((seed, _VAL_SEED_TAG)))
-    return np.sort(rng.permutation(n_images)[:n_val])
+    return groups.group_split(names, val_fraction, rng)
+
+
+def train_groups(raw_dir: Path, records: list[ImageRecord]) -> list[str] | None:
+    """Each train record's person group from ``raw_dir/groups.json`` (written by download under a
+    ``data.local.group`` rule), or ``None`` where there is none (every image its own group)."""
+    table = groups.read_groups(raw_dir)
+    if table is None:
+        return None
+    missing = [r.file for r in records if r.file not in table]
+    if missing:
+        raise DataError(f"{Path(raw_dir) / groups.GROUPS_FILE}: no group for {len(missing)} train image(s), e.g. "
+                        f"{missing[0]} (rerun the download stage)")
+    return [table[r.file] for r in records]
 
 
 def _face_table(records: list[ImageRecord], xml: Path) -> list[list[tuple[int, tuple, np.ndarray]]]:
@@ -375,13 +270,20 @@ def build_splits(raw_dir: Path, cfg: Augment, seed: int) -> dict[str, dict[str, 
             raise DataError(f"{xml}: missing (run the download stage first)")
         records = read_dlib_xml(xml)
         table = _face_table(records, xml)
-        val = set(split_val(len(records), cfg.val_fraction, seed).tolist()) if xml_name == "train.xml" else set()
+        val: set[int] = set()
+        if xml_name == "train.xml":
+            names = train_groups(raw_dir, records)
+            val = set(split_val(len(records), cfg.val_fraction, seed, names).tolist())
+            names = names if names is not None else [r.file for r in records]
+            split_groups = {"train": [g for i, g in enumerate(names) if i not in val],
+                            "val": [g for i, g in enumerate(names) if i in val]}
         for split in parts:
             ids = [i for i in range(len(records)) if (i in val) == (split == "val")]
             copies = cfg.copies if split == "train" else 0
             tasks = [(raw_dir / records[i].file, table[i], split, cfg, seed, copies) for i in ids]
             samples = _run_tasks(tasks, cfg.workers)
             out[split] = _assemble(samples, records, ids, cfg, seed, xml_name, copies)
+    out["train"]["groups"] = split_groups
     return out
 
 
@@ -409,7 +311,9 @@ def run_augment(raw_dir: Path, out_dir: Path, cfg: Augment, seed: int) -> dict[s
                "images_per_s": round(total / max(t_build, 1e-9), 1), "cpu_seconds": round(cpu, 3),
                "images_per_cpu_s": round(total / max(cpu, 1e-9), 1), "workers": cfg.workers, "size": cfg.size,
                "visible_fraction": {n: float(np.mean(s["arrays"]["visible"])) if counts[n] else 0.0
-                                    for n, s in splits.items()}}
+                                    for n, s in splits.items()},
+               "groups": {"rule": "groups.json" if (Path(raw_dir) / groups.GROUPS_FILE).is_file() else "file",
+                          **groups.summary(splits["train"]["groups"])}}
     log.info("augment: %s crops in %.1f s (%.0f crops/s, %d workers)", counts, seconds, summary["images_per_s"],
              cfg.workers)
     return summary

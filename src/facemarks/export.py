@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from facemarks import extras, metrics
+from facemarks import cpuinfo, extras, metrics
 from facemarks.atomic import atomic_path
-from facemarks.augment import face_crop, invert_points
+from facemarks.crops import face_crop, invert_points
 from facemarks.codec import DECODERS, HeatmapCodec
 from facemarks.hashing import file_sha256
 from facemarks.inference import make_codec, predict_heatmaps
@@ -39,7 +39,11 @@ from facemarks.runtime import INPUT_NAME, OUTPUT_NAME, OnnxHeatmaps
 
 OPSET = 20
 HEATMAP_TOLERANCE = 1e-4  # max |onnxruntime - torch| over every heatmap value
-POINT_TOLERANCE_PX = 1e-3  # max distance (input px) between the points decoded from either backend's heatmaps
+# max distance (input px) between the points decoded from either backend's heatmaps. The decoders amplify heatmap
+# rounding: DARK's log-Taylor step divides by small tail values, and float32 kernels differ by CPU (AVX2 / AVX-512,
+# with or without VNNI): 3e-6 heatmap differences gave 0.0048 px on an AVX2 EPYC. A hundredth of an input pixel is
+# 0.025 NME points at a 40 px inter-ocular distance: far below any accuracy that matters, far above rounding.
+POINT_TOLERANCE_PX = 1e-2
 MLFLOW_NAME = "onnx_model"  # the ONNX model's name in the train run, beside the PyTorch ``model``
 # Points are compared only on peaked maps (:func:`peaked`): on a flat map (an untrained or collapsed model) every
 # decoder is ill-conditioned, and two backends whose heatmaps agree to 1e-7 can decode points pixels apart.
@@ -181,6 +185,20 @@ def log_onnx_mlflow(path: str | Path, input_size: int) -> str:
 # Static int8 quantisation with onnxruntime's own tooling, and its accuracy guard (issue 23).
 INT8_FILE = "model.int8.onnx"  # written beside the fp32 ``model.onnx``
 QUANT_FORMATS = ("qoperator", "qdq")
+WEIGHT_RANGES = ("auto", "reduced", "full")
+
+
+def weight_range(setting: str = "auto") -> str:
+    """The int8 weight range ``export.weights`` resolves to: ``reduced`` (7-bit weights, onnxruntime's
+    ``reduce_range``) or ``full`` (8 bit). ``auto``: ``full`` only where the CPU has VNNI
+    (:func:`facemarks.cpuinfo.has_vnni`). Without VNNI, onnxruntime's u8 x s8 kernels add pairs of products in 16 bits
+    with saturation (255 x 128 x 2 > 32767), which full-range weights overflow; 7-bit weights cannot
+    (255 x 64 x 2 = 32640)."""
+    if setting not in WEIGHT_RANGES:
+        raise ValueError(f"weight_range: {setting!r} is not one of {WEIGHT_RANGES}")
+    if setting != "auto":
+        return setting
+    return "full" if cpuinfo.has_vnni() else "reduced"
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 NME_TOLERANCE = 0.1  # NME points (%) int8 may lose against fp32 (params.yaml export.tolerance_nme)
 #: Metadata keys of the int8 file beyond the fp32 ones (which it keeps, ``source_sha256`` included).
@@ -252,13 +270,15 @@ def write_metadata(path: str | Path, updates: dict[str, Any]) -> None:
 
 
 def quantize_int8(fp32_path: str | Path, path: str | Path, calibration: np.ndarray, *, fmt: str = "qoperator",
-                  method: str = "minmax", seed: int | None = None, batch_size: int = 16) -> Path:
+                  method: str = "minmax", seed: int | None = None, batch_size: int = 16,
+                  weights: str = "full") -> Path:
     """Static int8 quantisation of the exported fp32 model ``fp32_path`` into ``path``; returns ``path``.
 
     onnxruntime's own tooling: ``quant_pre_process`` (shape inference and graph optimisation, the step its docs
     ask for before quantising), then ``quantize_static`` with per-channel int8 weights (symmetric) and uint8
     activations (asymmetric, ranges from ``method`` over the calibration crops ``calibration`` uint8 ``(N, S, S)``
-    fed by :class:`CropReader`), in ``fmt``: ``qoperator`` (QLinearConv etc.) or ``qdq`` (QuantizeLinear /
+    fed by :class:`CropReader`), weights in the ``weights`` range (``full`` 8 bit or ``reduced`` 7 bit,
+    :func:`weight_range`), in ``fmt``: ``qoperator`` (QLinearConv etc.) or ``qdq`` (QuantizeLinear /
     DequantizeLinear pairs that onnxruntime fuses at load). The graph keeps the fp32 interface (float32 in, float32
     heatmaps out). The file keeps the fp32 metadata (``source_sha256`` included) and adds ``precision=int8``,
     ``quant_format``, ``calibration_method``, ``calibration_faces``, ``calibration_seed`` and ``fp32_sha256``;
@@ -273,6 +293,8 @@ def quantize_int8(fp32_path: str | Path, path: str | Path, calibration: np.ndarr
         raise ValueError(f"quantize_int8: fmt must be one of {QUANT_FORMATS}, got {fmt!r}")
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"quantize_int8: method must be one of {CALIBRATION_METHODS}, got {method!r}")
+    if weights not in ("full", "reduced"):
+        raise ValueError(f"quantize_int8: weights must be full or reduced (resolve auto: weight_range), got {weights!r}")
     calibration = np.asarray(calibration)
     if calibration.ndim != 3 or len(calibration) == 0:
         raise ValueError(f"quantize_int8: calibration must be uint8 (N, S, S) crops, got {calibration.shape}")
@@ -285,11 +307,11 @@ def quantize_int8(fp32_path: str | Path, path: str | Path, calibration: np.ndarr
                        "percentile": q.CalibrationMethod.Percentile}[method]
         q.quantize_static(str(pre), str(out), CropReader(calibration, batch_size),
                         quant_format=q.QuantFormat.QOperator if fmt == "qoperator" else q.QuantFormat.QDQ,
-                        per_channel=True, reduce_range=False, activation_type=q.QuantType.QUInt8,
+                        per_channel=True, reduce_range=weights == "reduced", activation_type=q.QuantType.QUInt8,
                         weight_type=q.QuantType.QInt8, calibrate_method=method_enum,
                         extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
         proto = onnx.load(str(out))
-    meta.update({"precision": "int8", "quant_format": fmt, "calibration_method": method,
+    meta.update({"precision": "int8", "quant_format": fmt, "calibration_method": method, "weights": weights,
                  "calibration_faces": str(len(calibration)), "calibration_seed": "" if seed is None else str(seed),
                  "fp32_sha256": file_sha256(Path(fp32_path))})
     return save_with_metadata(proto, meta, path)
@@ -367,19 +389,22 @@ def record_int8_check(path: str | Path, verdict: dict[str, Any]) -> None:
 
 def quantize_and_check(fp32_path: str | Path, train_images: np.ndarray, test: Any, *, sigma: float, margin: float,
                        fmt: str = "qoperator", method: str = "minmax", calibration_faces: int = 64, seed: int = 0,
-                       tolerance: float = NME_TOLERANCE,
+                       tolerance: float = NME_TOLERANCE, weights: str = "auto",
                        photos: list[tuple[np.ndarray, Any, np.ndarray]] | None = None) -> dict[str, Any]:
     """The export stage's int8 step for one loss: quantise ``fp32_path`` into :data:`INT8_FILE` beside it
     (:func:`quantize_int8`, calibrated on :func:`calibration_sample` of the training crops ``train_images``
     ``(N, S, S)``), run the accuracy guard on the ``test`` split (a :class:`facemarks.store.Split`: crops,
     transforms, original-px points) and, when given, on ``photos`` (:func:`photo_accuracy` items), and record the
-    verdict in the file (:func:`record_int8_check`). Returns the ``metrics/export.json`` entry: ``path``,
-    ``quant_format``, ``calibration_method``, ``calibration_faces``, ``calibration_seed``, ``checks`` (name →
+    verdict in the file (:func:`record_int8_check`). ``weights``: ``export.weights`` (:func:`weight_range`). Returns
+    the ``metrics/export.json`` entry: ``path``, ``quant_format``, ``weights`` (resolved), ``cpu`` (model and flags of
+    the CPU the guard ran on: int8 numerics depend on VNNI), ``calibration_method``, ``calibration_faces``, ``calibration_seed``, ``checks`` (name →
     :func:`int8_accuracy` result), ``ok``, ``tolerance_nme``, ``max_nme_delta``, ``failed``, ``used_by_predict``. No
     timings (they go to ``benchmarks/bench_infer.py``)."""
     fp32_path = Path(fp32_path)
     calibration = calibration_sample(train_images, calibration_faces, seed)
-    path = quantize_int8(fp32_path, fp32_path.with_name(INT8_FILE), calibration, fmt=fmt, method=method, seed=seed)
+    resolved = weight_range(weights)
+    path = quantize_int8(fp32_path, fp32_path.with_name(INT8_FILE), calibration, fmt=fmt, method=method, seed=seed,
+                         weights=resolved)
     ref32, ref8 = OnnxHeatmaps(fp32_path), OnnxHeatmaps(path)
     checks = {"test": int8_accuracy(ref32, ref8, np.asarray(test.images), np.asarray(test.transform),
                                     np.asarray(test.orig_points), sigma)}
@@ -387,7 +412,8 @@ def quantize_and_check(fp32_path: str | Path, train_images: np.ndarray, test: An
         checks["photos"] = photo_accuracy(ref32, ref8, photos, margin=margin, sigma=sigma)
     verdict = int8_verdict(checks, tolerance)
     record_int8_check(path, verdict)
-    return {"path": str(path), "quant_format": fmt, "calibration_method": method,
+    return {"path": str(path), "quant_format": fmt, "weights": resolved, "cpu": cpuinfo.describe(),
+            "calibration_method": method,
             "calibration_faces": int(len(calibration)), "calibration_seed": int(seed), "checks": checks,
             **{k: verdict[k] for k in ("ok", "tolerance_nme", "max_nme_delta", "failed")},
             "used_by_predict": "int8" if verdict["ok"] else "fp32 (int8 missed the NME tolerance)"}

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from facemarks.augment import invert_points  # the one place crop transforms are applied
+from facemarks.crops import invert_points  # the one place crop transforms are applied
 from facemarks.landmarks import REGIONS, inter_ocular, inter_pupil
 
 NORMALISERS = ("io", "ip", "box")  # inter-ocular (36/45), inter-pupil, box diagonal

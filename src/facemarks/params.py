@@ -70,8 +70,12 @@ class Ibug300w:
 
 @dataclass(frozen=True)
 class Local:
-    path: str = _p("", doc="folder with dlib XML, or images with .pts files")
+    path: str = _p("", doc="folder with dlib XML, images with .pts files, or a keypoints CSV and its images")
     test_fraction: float = _p(0.2, 0, 1, lo_open=True)
+    group: str = _p("", doc="regex whose first group names the person in a file name (empty: every file its own "
+                            "group); the test and validation splits keep a group on one side (facemarks.groups)")
+    box: str = _p("training", choices=("training", "tight"),
+                  doc="face box of points-only faces (CSV, .pts): the training-box rule, or the points' tight box")
 
 
 @dataclass(frozen=True)
@@ -154,7 +158,7 @@ class Train:
     pretrained: bool = _p(False)
     device: str = _p("auto", choices=("auto", "cpu", "cuda"))
     workers: int = _p(0, 0, 64)
-    amp: bool = _p(True, doc="bf16 autocast on CUDA (ignored on CPU)")
+    amp: bool = _p(True, doc="bf16 autocast on CUDA and on CPUs with native bf16 (AMX / AVX512-BF16); fp32 elsewhere")
     seed: int = _p(0, 0, 2**31 - 1, doc="weight init, data order, dropout (data: base.seed)")
 
 
@@ -166,6 +170,9 @@ class Export:
                           doc="activation-range calibration method (onnxruntime.quantization)")
     calibration_faces: int = _p(64, 1, 100_000, doc="training crops drawn (seeded) to calibrate the activations")
     seed: int = _p(0, 0, 2**31 - 1, doc="seed of the calibration draw")
+    weights: str = _p("auto", choices=("auto", "reduced", "full"),
+                      doc="int8 weight range: reduced (7 bit, no u8 x s8 saturation on CPUs without VNNI), full "
+                          "(8 bit), auto (facemarks.export.weight_range: chosen from the CPU flags)")
     tolerance_nme: float = _p(0.1, 0, 100, doc="NME points int8 may lose vs fp32; above: predict keeps fp32")
 
 
@@ -212,6 +219,15 @@ class Params:
         if a.size % 32:
             raise ParamsError(f"augment.size = {a.size} must be a multiple of 32 (the ResNet18 backbone has stride 32; "
                               "heatmaps are 1/4 of the input)")
+        rule = self.data.local.group
+        if rule:  # the same checks as facemarks.groups.compile_rule (params imports no data module)
+            try:
+                n_groups = re.compile(rule).groups
+            except re.error as exc:
+                raise ParamsError(f"data.local.group = {rule!r}: not a regular expression ({exc})") from None
+            if n_groups < 1:
+                raise ParamsError(f"data.local.group = {rule!r}: needs a capture group naming the person, "
+                                  "e.g. '^(.+)_\\d+$'")
         if self.data.source == "local" and not self.data.local.path:
             raise ParamsError("data.local.path is empty: set it to a folder when data.source = local")
         if self.data.source == "photos" and not self.data.photos.path:

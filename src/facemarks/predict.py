@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from facemarks.augment import face_crop, invert_points
+from facemarks.crops import face_crop, invert_points
 from facemarks.detect import Detection, detect
 from facemarks.hashing import file_sha256
 from facemarks.inference import predict_crops

@@ -20,7 +20,7 @@ import numpy as np
 
 from facemarks import metrics
 from facemarks.atomic import atomic_write_json
-from facemarks.augment import apply_transform, face_crop
+from facemarks.crops import apply_transform, face_crop
 from facemarks.detect import DLIB_UPSAMPLE, dlib_boxes, map_box
 from facemarks.hashing import file_sha256
 from facemarks.io import box_iou, photo_files, read_dlib_xml, read_image, read_pts

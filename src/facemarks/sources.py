@@ -38,27 +38,22 @@ import hashlib
 import http.client
 import logging
 import os
-import shutil
 import socket
 import sys
 import tarfile
-import tempfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import xml.etree.ElementTree as ET
-import zlib
 from pathlib import Path, PurePosixPath
 
-import numpy as np
 
-from facemarks import synthetic, teacher
+from facemarks import groups, local, synthetic, teacher
 from facemarks.atomic import atomic_dir, atomic_write_text
 from facemarks.hashing import file_sha256
-from facemarks.io import IMAGE_SUFFIXES, DataError, Face, ImageRecord, read_dlib_xml, read_pts, write_dlib_xml
-from facemarks.params import Data, Ibug300w, Local
-from facemarks.validate import face_problem, skip_item as _skip, validate_records, validate_splits
+from facemarks.io import DataError, ImageRecord, read_dlib_xml, write_dlib_xml
+from facemarks.params import Data, Ibug300w
+from facemarks.validate import face_problem, validate_records, validate_splits
 
 log = logging.getLogger("facemarks.sources")
 
@@ -99,14 +94,14 @@ def fetch(data: Data, seed: int, out_dir: Path, progress: bool | None = None) ->
             splits = _ibug_splits(tar_path, tmp)
             extra = {"url": data.ibug300w.url, "sha256": digest, "archive": tar_path.name}
         elif data.source == "local":
-            splits, extra = _local_splits(data.local, seed, data.on_bad, skipped), {"local_path": data.local.path}
+            splits, extra = local.local_splits(data.local, seed, data.on_bad, skipped), {"local_path": data.local.path}
         elif data.source == "photos":
             splits, photo_images, teacher_summary = _photos_splits(data, seed, tmp, photo_files, tutor, skipped)
         else:
             raise DataError(f"data.source = {data.source!r}: unknown source (synthetic, ibug300w, local, photos)")
         checked, stats = validate_splits(splits, data.on_bad, skipped)
         if data.source == "local":
-            kept = _copy_local_images(checked, tmp)
+            kept = local.copy_local_images(checked, tmp)
         elif data.source == "photos":
             kept = teacher.mix(checked, tmp, photo_images, data.photos.repeat)
             teacher_summary.update(repeat=data.photos.repeat, n_synthetic_train=data.photos.synthetic,
@@ -121,8 +116,14 @@ def fetch(data: Data, seed: int, out_dir: Path, progress: bool | None = None) ->
             if not records:
                 raise DataError(f"{data.source}: no usable {split} images left (skipped: {dict(skipped) or 'none'})")
             write_dlib_xml(tmp / f"{split}.xml", records, name=f"facemarks {data.source} {split}")
+        rule = data.local.group if data.source == "local" else ""
+        split_groups = _record_groups(checked, kept, rule)
+        if rule:
+            groups.write_groups(tmp, rule, {rec.file: g for split, records in kept.items()
+                                            for rec, g in zip(records, split_groups[split])})
     summary = {"source": data.source, "on_bad": data.on_bad, **stats, **extra,
-               "n_skipped": int(sum(skipped.values())), "skipped": dict(sorted(skipped.items()))}
+               "n_skipped": int(sum(skipped.values())), "skipped": dict(sorted(skipped.items())),
+               "groups": {"rule": rule or "file", **groups.summary(split_groups)}}
     for split, records in kept.items():
         summary[f"n_{split}_images"] = len(records)
         summary[f"n_{split}_faces"] = sum(len(r.faces) for r in records)
@@ -133,10 +134,13 @@ def fetch(data: Data, seed: int, out_dir: Path, progress: bool | None = None) ->
     return summary
 
 
-def split_seed(seed: int, split: str) -> int:
-    """A 31-bit seed derived from ``base.seed`` and a purpose name (e.g. the local train/test split)."""
-    state = np.random.SeedSequence([seed, zlib.crc32(split.encode())]).generate_state(1)[0]
-    return int(state) & 0x7FFFFFFF
+def _record_groups(checked: Splits, kept: dict[str, list[ImageRecord]], rule: str) -> dict[str, list[str]]:
+    """Each kept record's person group per split: the ``data.local.group`` rule on its source image's file name
+    (``checked`` items and ``kept`` records are in the same order), or — without a rule — its own file."""
+    if not rule:
+        return {split: [rec.file for rec in records] for split, records in kept.items()}
+    compiled = groups.compile_rule(rule)
+    return {split: local.item_groups(checked[split], compiled) for split in kept}
 
 
 # ================================================================================================ synthetic
@@ -408,143 +412,5 @@ def _check_member(m: tarfile.TarInfo, root: Path, tar_path: Path) -> None:
         raise DataError(f"{bad}: special file (device or FIFO)")
 
 
-# ================================================================================================ local
-def _local_splits(cfg: Local, seed: int, on_bad: str, skipped: collections.Counter) -> Splits:
-    """Read the local folder → ``{"train": [(image path, record)], "test": [...]}`` (records not yet validated)."""
-    folder = Path(cfg.path).expanduser()
-    if not folder.is_dir():
-        raise DataError(f"data.local.path = {cfg.path!r}: not a folder")
-    xmls = sorted(p for p in folder.glob("*.xml") if p.is_file())
-    if xmls:
-        trains = [p for p in xmls if "train" in p.name.lower()]
-        tests = [p for p in xmls if "test" in p.name.lower() and p not in trains]
-        if trains and tests:
-            ignored = sorted(set(xmls) - set(trains) - set(tests))
-            if ignored:
-                log.info("local: ignoring %s (neither *train*.xml nor *test*.xml)", ", ".join(p.name for p in ignored))
-            return {"train": _read_lists(trains, on_bad, skipped), "test": _read_lists(tests, on_bad, skipped)}
-        if len(xmls) == 1:
-            return seeded_split(_read_lists(xmls, on_bad, skipped), cfg.test_fraction, seed)
-        raise DataError(f"{folder}: {len(xmls)} XML files ({', '.join(p.name for p in xmls)}) but no "
-                        "*train*.xml + *test*.xml pair; keep one list, or name them *train*.xml / *test*.xml")
-    pts = sorted(folder.rglob("*.pts"))
-    if pts:
-        return seeded_split(_read_pts_folder(pts, on_bad, skipped), cfg.test_fraction, seed)
-    raise DataError(f"{folder}: no dlib XML (*.xml) and no 300-W .pts files found")
-
-
-def seeded_split(items: Items, test_fraction: float, seed: int) -> Splits:
-    """Split images (not faces) into train/test: sorted by path, then a permutation seeded by ``seed``.
-
-    ``round(n × test_fraction)`` images go to test, at least one of each split when ``n ≥ 2``.
-    """
-    items = sorted(items, key=lambda it: (str(it[0]), it[1].file))
-    n = len(items)
-    n_test = int(round(n * test_fraction))
-    if n >= 2:
-        n_test = min(max(n_test, 1), n - 1)
-    order = np.random.default_rng(split_seed(seed, "local-split")).permutation(n)
-    test_idx = set(order[:n_test].tolist())
-    return {"train": [it for i, it in enumerate(items) if i not in test_idx],
-            "test": [it for i, it in enumerate(items) if i in test_idx]}
-
-
-def _read_lists(paths: list[Path], on_bad: str, skipped: collections.Counter) -> Items:
-    items = []
-    for path in paths:
-        items += [(path.parent / r.file, r) for r in read_xml_lenient(path, on_bad, skipped)]
-    return items
-
-
-def read_xml_lenient(path: Path, on_bad: str, skipped: collections.Counter) -> list[ImageRecord]:
-    """:func:`facemarks.io.read_dlib_xml`; with ``on_bad="skip"`` a malformed ``<image>`` is skipped and counted
-    in ``skipped["malformed_xml"]`` instead.
-
-    A file that is not well-formed XML at all is always an error (nothing in it can be trusted).
-    """
-    try:
-        return read_dlib_xml(path)
-    except DataError:
-        if on_bad == "error":
-            raise
-    try:
-        images = ET.parse(path).getroot().find("images")
-    except ET.ParseError as exc:
-        raise DataError(f"{path}: malformed XML ({exc}); fix or remove it") from None
-    if images is None:
-        raise DataError(f"{path}: no <images> element (not a dlib landmark XML)")
-    records = []
-    with tempfile.TemporaryDirectory() as tmp:
-        one = Path(tmp) / "one.xml"
-        for elem in images.findall("image"):
-            one.write_text(f"<dataset><images>{ET.tostring(elem, encoding='unicode')}</images></dataset>",
-                           encoding="utf-8")
-            try:
-                records += read_dlib_xml(one)
-            except DataError as exc:
-                message = str(exc).replace(str(one), f"{path} [{elem.get('file')}]")
-                _skip(skipped, _message_reason(message, "malformed_xml"), message)
-    return records
-
-
-def _read_pts_folder(pts_files: list[Path], on_bad: str, skipped: collections.Counter) -> Items:
-    """``.pts`` files → ``[(image path, record)]``; one face per file, box = tight box of the points."""
-    items = []
-    for pts_path in pts_files:
-        image = _image_beside(pts_path)
-        try:
-            if image is None:
-                raise DataError(f"{pts_path}: no image with the same stem ({', '.join(IMAGE_SUFFIXES)})")
-            points = read_pts(pts_path)
-        except DataError as exc:
-            reason = _message_reason(str(exc), "bad_pts") if image is not None else "missing_image"
-            if on_bad == "error":
-                raise
-            _skip(skipped, reason, str(exc))
-            continue
-        items.append((image, ImageRecord(file=image.name, faces=[Face(box=tight_box(points), points=points)])))
-    return items
-
-
-def _message_reason(message: str, default: str) -> str:
-    """Skip reason for a reader's :class:`DataError` message (``.pts`` and dlib XML readers in ``facemarks.io``)."""
-    if any(k in message for k in ("points, expected", "n_points", "odd number", "part index")):
-        return "wrong_point_count"
-    if "finite" in message:
-        return "nan_coordinates"
-    return default
-
-
-def _image_beside(pts_path: Path) -> Path | None:
-    for p in sorted(pts_path.parent.glob(pts_path.stem + ".*")):
-        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
-            return p
-    return None
-
-
-def tight_box(points: np.ndarray) -> tuple[float, float, float, float]:
-    """``points (68, 2)`` → ``(left, top, width, height)`` whose pixel span covers every point centre."""
-    lo, hi = np.nanmin(points, axis=0), np.nanmax(points, axis=0)
-    return float(lo[0]), float(lo[1]), float(hi[0] - lo[0] + 1), float(hi[1] - lo[1] + 1)
-
-
-def _copy_local_images(checked: Splits, root: Path) -> dict[str, list[ImageRecord]]:
-    """Copy each used image to ``root/images/<split>/<name>`` (a numeric suffix on name clashes)."""
-    out: dict[str, list[ImageRecord]] = {}
-    for split, items in checked.items():
-        used: set[str] = set()
-        out[split] = []
-        for src, rec in items:
-            name, k = src.name, 1
-            while name.lower() in used:
-                name, k = f"{src.stem}_{k}{src.suffix}", k + 1
-            used.add(name.lower())
-            dst = root / "images" / split / name
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, dst)
-            out[split].append(ImageRecord(file=f"images/{split}/{name}", faces=rec.faces))
-    return out
-
-
-__all__ = ["DownloadError", "fetch", "download", "safe_extract", "seeded_split", "split_seed", "tight_box",
-           "validate_records", "face_problem", "file_sha256", "read_xml_lenient", "fetch_ibug_archive"]
+__all__ = ["DownloadError", "fetch", "download", "safe_extract",
+           "validate_records", "face_problem", "file_sha256", "fetch_ibug_archive"]

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
-from facemarks import metrics
+from facemarks import cpuinfo, metrics
 from facemarks.atomic import atomic_path, atomic_write_json, atomic_write_text
 from facemarks.codec import HeatmapCodec, in_map, to_map
 from facemarks.model import LOSSES, STRIDE, HeatmapNet, build_model, heatmap_loss, outputs_to_heatmaps
@@ -72,7 +72,7 @@ class TrainConfig:
     dropout: float = 0.1
     pretrained: bool = False
     workers: int = 0  # DataLoader worker processes
-    amp: bool = True  # bf16 autocast, CUDA only
+    amp: bool = True  # bf16 autocast on CUDA and on CPUs with native bf16 (amp_active)
     seed: int = 0
     sigma: float = 1.5  # heatmap Gaussian sigma (map px), as encoded
     decoder: str = "subpixel"  # codec decoder for validation NME
@@ -387,8 +387,15 @@ def _all_reduce(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.cpu()
 
 
+def amp_active(device: torch.device, amp: bool) -> bool:
+    """Whether ``train.amp`` turns bf16 autocast on for ``device``: on CUDA, and on a CPU with native bf16 units
+    (:func:`facemarks.cpuinfo.has_native_bf16`: AMX or AVX512-BF16). Elsewhere the CPU would emulate bf16, slower
+    than fp32, so training stays fp32 there (``benchmarks/bench_train.py`` measures both)."""
+    return amp and (device.type == "cuda" or (device.type == "cpu" and cpuinfo.has_native_bf16()))
+
+
 def _autocast(device: torch.device, amp: bool):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp_active(device, amp))
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -417,6 +424,7 @@ def fit(
     device: str | torch.device = "cpu",
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     run_id: str | None = None,
+    init: dict[str, torch.Tensor] | None = None,
 ) -> FitResult:
     """Train one model with ``loss`` (``mse`` | ``bce`` | ``awing``), resuming from ``checkpoint_dir`` when it matches.
 
@@ -429,6 +437,8 @@ def fit(
         on_epoch: called with each new history row after its checkpoint is saved.
         run_id: stored in the checkpoint so that a resumed stage continues the same MLflow run
             (read it back with :func:`load_checkpoint`).
+        init: a state dict to start from instead of the seeded initialisation (fine-tuning a trained model; part
+            of the checkpoint fingerprint).
     """
     if loss not in LOSSES:
         raise ValueError(f"fit: unknown loss {loss!r}; allowed: {LOSSES}")
@@ -441,19 +451,27 @@ def fit(
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        return _fit(cfg, data, loss, checkpoint_dir, device, on_epoch, run_id, rank, world)
+        return _fit(cfg, data, loss, checkpoint_dir, device, on_epoch, run_id, rank, world, init)
     finally:
         torch.use_deterministic_algorithms(deterministic)
 
 
-def _fit(cfg, data, loss, checkpoint_dir, device, on_epoch, run_id, rank, world) -> FitResult:
+def _fit(cfg, data, loss, checkpoint_dir, device, on_epoch, run_id, rank, world, init=None) -> FitResult:
     s = data.input_size
     codec = HeatmapCodec(s, s // STRIDE, cfg.sigma)
     fp = fingerprint(cfg, data, loss)
+    if init is not None:  # a fine-tuning run resumes only from a checkpoint that started from the same weights
+        h = hashlib.blake2b(fp.encode(), digest_size=16)
+        for name, tensor in sorted(init.items()):
+            h.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+        fp = h.hexdigest()
 
     torch.manual_seed(cfg.seed)
     prior = target_prior(data.train) if loss == "bce" else None
-    model = build_model(data.num_keypoints, cfg.head_width, cfg.dropout, cfg.pretrained and rank == 0, prior).to(device)
+    model = build_model(data.num_keypoints, cfg.head_width, cfg.dropout, cfg.pretrained and rank == 0, prior)
+    if init is not None:
+        model.load_state_dict(init)
+    model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     milestones = [cfg.epochs_phase1] if cfg.epochs_phase2 else []
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.lr_drop)
@@ -515,6 +533,7 @@ def _fit(cfg, data, loss, checkpoint_dir, device, on_epoch, run_id, rank, world)
             on_epoch(row)
 
     summary = _summary(history, msn, loss, data, run_id)
+    summary["bf16_autocast"] = amp_active(device, cfg.amp)  # which arithmetic trained it (CPU flags decide on CPU)
     if rank == 0 and summary["collapse"]:
         log.warning("%s: MEAN-SHAPE COLLAPSE: val NME %.3f%% >= %.1f x mean-shape NME %.3f%% (the net predicts "
                     "about the average face; try a lower lr, more epochs or another init)",
