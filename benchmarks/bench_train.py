@@ -91,12 +91,12 @@ def model_alone(lever: str, size: int, batch: int, batches: int, head_width: int
     torch.set_num_threads(setup["threads"] or threads)
     torch.use_deterministic_algorithms(setup["deterministic"], warn_only=True)
     try:
+        native = cpuinfo.has_native_bf16
+        if setup["force_amp"]:  # autocast on even where the CPU has no native bf16 (T.amp_active would refuse)
+            cpuinfo.has_native_bf16 = lambda: True
+
         def step():
-            if setup["force_amp"]:  # autocast on even where the CPU has no native bf16 (T.amp_active would refuse)
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    T.train_step(net, opt, images, targets, weights, loss, CPU, 5.0, amp=False)
-            else:
-                T.train_step(net, opt, images, targets, weights, loss, CPU, 5.0, amp=setup["amp"])
+            T.train_step(net, opt, images, targets, weights, loss, CPU, 5.0, amp=setup["amp"])
         step()
         step()
         t0 = time.perf_counter()
@@ -104,6 +104,7 @@ def model_alone(lever: str, size: int, batch: int, batches: int, head_width: int
             step()
         return batch * batches / (time.perf_counter() - t0)
     finally:
+        cpuinfo.has_native_bf16 = native
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(False)
 
