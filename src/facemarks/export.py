@@ -114,8 +114,9 @@ def export_onnx(model: HeatmapNet, loss: str, path: str | Path, input_size: int,
 
 
 def peaked(heatmaps: np.ndarray) -> np.ndarray:
-    """bool ``(N, K)``: the map ``(h, w)`` has one clear peak, i.e. ``max - median >= PEAK_CONTRAST`` and the max
-    exceeds every value outside its 3 x 3 neighbourhood by at least :data:`PEAK_MARGIN`."""
+    """bool ``(N, K)``: the map ``(h, w)`` has one clear peak, i.e. ``max - median >= PEAK_CONTRAST``, the max
+    exceeds every value outside its 3 x 3 neighbourhood by at least :data:`PEAK_MARGIN`, and its right / left and
+    down / up neighbours differ by at least :data:`PEAK_MARGIN` (the direction of a quarter-pixel step)."""
     n, k, h, w = heatmaps.shape
     flat = np.asarray(heatmaps, np.float64).reshape(n, k, h * w)
     top = flat.max(-1)
@@ -124,7 +125,17 @@ def peaked(heatmaps: np.ndarray) -> np.ndarray:
     yy, xx = np.divmod(np.arange(h * w), w)  # (h*w,)
     near = (np.abs(yy - iy[..., None]) <= 1) & (np.abs(xx - ix[..., None]) <= 1)  # (N, K, h*w)
     rival = np.where(near, -np.inf, flat).max(-1)
-    return (contrast >= PEAK_CONTRAST) & (top - rival >= PEAK_MARGIN)
+    # the quarter-pixel step of argmax_quarter goes toward the higher neighbour: a near tie (right vs left, down vs
+    # up) flips it by half a map cell on rounding alone, so such a map has no unambiguous discrete answer
+    grid = np.pad(np.asarray(heatmaps, np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=-np.inf)
+    at = lambda dy, dx: np.take_along_axis(  # noqa: E731
+        grid.reshape(n, k, -1), ((iy + 1 + dy) * (w + 2) + ix + 1 + dx)[..., None], -1)[..., 0]
+    steps = [(at(0, 1), at(0, -1)), (at(1, 0), at(-1, 0))]
+    clear = np.ones((n, k), bool)
+    for a, b in steps:
+        with np.errstate(invalid="ignore"):
+            clear &= ~np.isfinite(a - b) | (np.abs(a - b) >= PEAK_MARGIN)
+    return (contrast >= PEAK_CONTRAST) & (top - rival >= PEAK_MARGIN) & clear
 
 
 def parity(model: HeatmapNet, loss: str, runtime: OnnxHeatmaps, images: np.ndarray, sigma: float,
