@@ -45,6 +45,7 @@ def bare_repo(tmp_path_factory):
     return make_repo(tmp_path_factory.mktemp("bad-params"))
 
 
+@pytest.mark.slow  # one stage subprocess per stage
 @pytest.mark.parametrize("cmd", sorted(STAGE_BAD_PARAM))
 def test_stage_fails_fast_on_bad_param_with_one_line(bare_repo, cmd):
     key, value = STAGE_BAD_PARAM[cmd]

@@ -78,6 +78,7 @@ def runs(tmp_path_factory) -> dict[str, dict]:
     return result
 
 
+@pytest.mark.slow  # the data stages in subprocesses under every CPU emulation
 def test_data_stage_files_are_byte_identical_under_every_cpu_emulation(runs):
     ref = runs["reference"]["files"]
     assert len([f for f in ref if f.startswith("raw/images/")]) == 14
@@ -88,6 +89,7 @@ def test_data_stage_files_are_byte_identical_under_every_cpu_emulation(runs):
         assert not differ, f"{name}: {len(differ)} files differ from the reference, e.g. {differ[:5]}"
 
 
+@pytest.mark.slow  # the data stages in subprocesses under every CPU emulation
 def test_the_switches_change_what_numpy_and_blas_compute(runs):
     """Without this the test above could pass because a switch did nothing."""
     ref = runs["reference"]
