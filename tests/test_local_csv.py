@@ -154,3 +154,29 @@ def test_the_shared_real_faces_read_whole_and_split_by_person(tmp_path):
     split = local.seeded_split(items, 0.2, 0, groups.compile_rule(PERSON))
     people = {s: {groups.group_of(p.name, groups.compile_rule(PERSON)) for p, _ in split[s]} for s in split}
     assert not people["train"] & people["test"] and 0.15 < len(split["test"]) / 3452 < 0.25
+
+
+@pytest.mark.slow  # a dvc exp run of the tiny preset: download, augment, encode, both trainings, export, evaluate
+def test_exp_run_on_a_csv_folder_splits_by_person_trains_and_evaluates(tiny_repo, tmp_path):
+    """What a user types: `dvc exp run -S data.source=local -S data.local.path=<folder> -S data.local.group=...`."""
+    import shutil
+
+    from conftest import DVC, sh
+
+    folder = tmp_path / "faces"
+    write_csv_folder(folder, people=10, frames=3)
+    repo = tmp_path / "csv-exp"
+    shutil.copytree(tiny_repo, repo, symlinks=True)
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "tiny reproduction", check=False)
+    proc = sh(repo, *DVC, "exp", "run", "-n", "csv-faces", "-S", "data.source=local",
+              "-S", f"data.local.path={folder}", "-S", f"data.local.group='{PERSON}'", "-S", "data.local.test_fraction=0.3",
+              "-S", "augment.val_fraction=0.3")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    download = json.loads((repo / "metrics/download.json").read_text())
+    augmented = json.loads((repo / "metrics/augment.json").read_text())
+    assert download["source"] == "local" and download["groups"]["overlap"] == 0 and download["groups"]["test"] >= 1
+    assert augmented["groups"]["rule"] == "groups.json" and augmented["groups"]["overlap"] == 0
+    assert augmented["groups"]["val"] >= 1
+    ev = json.loads((repo / "metrics/eval.json").read_text())
+    assert ev["mse"]["nme_io"] > 0 and ev["bce"]["nme_io"] > 0
