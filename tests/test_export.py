@@ -110,11 +110,14 @@ def test_a_wrong_export_fails_parity(tmp_path, exported, crops):
 
 
 def test_peaked_flags_flat_and_tied_maps():
-    maps = np.zeros((1, 3, 8, 8), np.float32)
-    maps[0, 0, 3, 4] = 1.0  # one clear peak
+    maps = np.zeros((1, 4, 8, 8), np.float32)
+    maps[0, 0, 3, 4] = 1.0  # one clear peak, leaning right and down: an unambiguous quarter-pixel step
+    maps[0, 0, 3, 5] = maps[0, 0, 4, 4] = 0.5
     maps[0, 1] = 0.3  # flat
     maps[0, 2, 1, 1] = maps[0, 2, 6, 6] = 1.0  # two equal peaks far apart
-    assert export.peaked(maps).tolist() == [[True, False, False]]
+    maps[0, 3, 3, 4] = 1.0  # a peak whose left and right neighbours tie: argmax_quarter's step flips on rounding
+    maps[0, 3, 4, 4] = 0.5
+    assert export.peaked(maps).tolist() == [[True, False, False, False]]
 
 
 def test_runtime_runs_without_torch(exported, crops, tmp_path):
