@@ -407,7 +407,7 @@ def quantize_and_check(fp32_path: str | Path, train_images: np.ndarray, test: An
     ``(N, S, S)``), run the accuracy guard on the ``test`` split (a :class:`facemarks.store.Split`: crops,
     transforms, original-px points) and, when given, on ``photos`` (:func:`photo_accuracy` items), and record the
     verdict in the file (:func:`record_int8_check`). ``weights``: ``export.weights`` (:func:`weight_range`). Returns
-    the ``metrics/export.json`` entry: ``path``, ``quant_format``, ``weights`` (resolved), ``cpu`` (model and flags of
+    the ``metrics/export.json`` entry: ``path``, ``quant_format``, ``weights`` (resolved), ``processor`` (model and flags of
     the CPU the guard ran on: int8 numerics depend on VNNI), ``calibration_method``, ``calibration_faces``, ``calibration_seed``, ``checks`` (name →
     :func:`int8_accuracy` result), ``ok``, ``tolerance_nme``, ``max_nme_delta``, ``failed``, ``used_by_predict``. No
     timings (they go to ``benchmarks/bench_infer.py``)."""
@@ -423,7 +423,7 @@ def quantize_and_check(fp32_path: str | Path, train_images: np.ndarray, test: An
         checks["photos"] = photo_accuracy(ref32, ref8, photos, margin=margin, sigma=sigma)
     verdict = int8_verdict(checks, tolerance)
     record_int8_check(path, verdict)
-    return {"path": str(path), "quant_format": fmt, "weights": resolved, "cpu": cpuinfo.describe(),
+    return {"path": str(path), "quant_format": fmt, "weights": resolved, "processor": cpuinfo.describe(),
             "calibration_method": method,
             "calibration_faces": int(len(calibration)), "calibration_seed": int(seed), "checks": checks,
             **{k: verdict[k] for k in ("ok", "tolerance_nme", "max_nme_delta", "failed")},
