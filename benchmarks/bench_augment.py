@@ -15,11 +15,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from facemarks.atomic import atomic_write_json
-from facemarks.augment import make_samples, run_augment, sample_rng
-from facemarks.io import read_dlib_xml, read_image, write_dlib_xml
-from facemarks.params import Augment, Synthetic
-from facemarks.synthetic import generate_split
+from facemarks.core.atomic import atomic_write_json
+from facemarks.augmentation.augment import make_samples, run_augment, sample_rng
+from facemarks.core.io import read_dlib_xml, read_image, write_dlib_xml
+from facemarks.core.params import Augment, Synthetic
+from facemarks.data.synthetic import generate_split
 
 
 def make_raw(root: Path, n_images: int) -> None:

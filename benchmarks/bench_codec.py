@@ -15,10 +15,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from facemarks import codec
-from facemarks.atomic import atomic_write_json
-from facemarks.model import STRIDE
-from facemarks.params import Augment, Encode
+from facemarks.heatmaps import codec
+from facemarks.core.atomic import atomic_write_json
+from facemarks.training.model import STRIDE
+from facemarks.core.params import Augment, Encode
 
 K = 68
 THREADS = (1, 2)  # torch threads for the encode rows; decoders and the loop run on 1

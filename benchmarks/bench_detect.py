@@ -1,12 +1,12 @@
 """Face-detector settings on real photos: faces found, faces the other settings find that a setting misses, likely
-false positives, ms per photo (median, 90th percentile) — :func:`facemarks.detect_eval.photo_report` — on the tuning
-and the reporting half of the folder (:func:`facemarks.detect_eval.photo_halves`), and the share of marked faces
-each setting finds on a folder of marked faces (:func:`facemarks.detect_eval.marked_face_report`).
+false positives, ms per photo (median, 90th percentile) — :func:`facemarks.evaluation.detect_eval.photo_report` — on the tuning
+and the reporting half of the folder (:func:`facemarks.evaluation.detect_eval.photo_halves`), and the share of marked faces
+each setting finds on a folder of marked faces (:func:`facemarks.evaluation.detect_eval.marked_face_report`).
 
 Run from the repo root: ``PYTHONPATH=src python benchmarks/bench_detect.py [--photos ../shared/real-photos]
 [--faces ../shared/real-faces]``. The detectors run once per photo (every stage timed); both halves are scored from
 that run. The landmark confidence of the false-positive rule comes from ``--model`` (default: the model ``facemarks
-predict`` would use, :func:`facemarks.predict.choose_model`) when that file exists, else the rule is family agreement
+predict`` would use, :func:`facemarks.serving.predict.choose_model`) when that file exists, else the rule is family agreement
 alone. Writes ``metrics/bench_detect.json`` (the reports, the timings, the CPU model and SIMD flags from
 /proc/cpuinfo and the load average before and after: the timings are wall-clock on whatever else the machine runs)
 and ``--counts`` (default ``metrics/detect_photos.json``: the counts only, no times). Skips (exit 0, nothing
@@ -20,8 +20,8 @@ import os
 import sys
 from pathlib import Path
 
-from facemarks.atomic import atomic_write_json
-from facemarks.detect_eval import HALVES, SETTINGS, marked_face_report, photo_report
+from facemarks.core.atomic import atomic_write_json
+from facemarks.evaluation.detect_eval import HALVES, SETTINGS, marked_face_report, photo_report
 
 SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "amx_tile")
 
@@ -50,7 +50,7 @@ def details_to_json(details: dict) -> str:
 
 def details_from_json(text: str) -> dict:
     """The inverse of :func:`details_to_json` (boxes back to tuples, ``Detection`` objects rebuilt)."""
-    from facemarks.detect import Detection
+    from facemarks.serving.detect import Detection
 
     def det(d: dict) -> Detection:
         return Detection(**{**d, "box": tuple(d["box"]), "raw_box": tuple(d["raw_box"]), "merged": tuple(d["merged"])})
@@ -78,7 +78,7 @@ def main() -> int:
         print(f"bench_detect: {args.photos} not found: skipped")
         return 0
     from facemarks.cli import _defaults
-    from facemarks.predict import best_decoder, choose_model, load_predictor
+    from facemarks.serving.predict import best_decoder, choose_model, load_predictor
 
     choice = choose_model(model=args.model)
     cfg = _defaults(args.params)

@@ -3,16 +3,16 @@ dlib's 68-point predictor, batch 1 and 32, in one process on the same faces; who
 (read, detect, crop, network, decode) vs dlib's detector + predictor; and face detection on a downscaled copy (its
 time and its recall cost).
 
-Faces: seeded synthetic faces (:func:`facemarks.synthetic.render_face` with ``data.synthetic`` of params.yaml, as in
-the pipeline's test split), cropped at the model input size with their true boxes (:func:`facemarks.augment.face_crop`).
+Faces: seeded synthetic faces (:func:`facemarks.data.synthetic.render_face` with ``data.synthetic`` of params.yaml, as in
+the pipeline's test split), cropped at the model input size with their true boxes (:func:`facemarks.augmentation.augment.face_crop`).
 Model: ``--model`` (a trained ``models/<loss>/model.pt``) when given, else a seeded random-init HeatmapNet of the
 default size (``train.head_width``, ``augment.size``): speed does not depend on the weights. It is exported to ONNX in
-a temp folder (:func:`facemarks.export.export_onnx`) and quantised there (:func:`facemarks.export.quantize_int8`,
+a temp folder (:func:`facemarks.serving.export.export_onnx`) and quantised there (:func:`facemarks.serving.export.quantize_int8`,
 ``export.calibration_faces`` crops of other seeded synthetic faces, ``export.calibration``) in both formats, the
 ``export.format`` one first; ``--int8 PATH`` times that int8 file instead of the first. All run through
-:class:`facemarks.runtime.OnnxHeatmaps`.
+:class:`facemarks.serving.runtime.OnnxHeatmaps`.
 
-Ours per face = forward + heatmap decode (``encode.decoder``) on ready crops (:func:`facemarks.inference.time_per_face`;
+Ours per face = forward + heatmap decode (``encode.decoder``) on ready crops (:func:`facemarks.serving.inference.time_per_face`;
 the ``crop`` row is the cost of cutting one crop); dlib's = its predictor on the original image and box (it crops
 internally). Backends alternate within each of ``--rounds`` rounds and the best round is kept, so load from other
 processes hurts all alike. Every row is measured at each of ``--threads`` intra-op thread counts (torch's forward and,
@@ -20,12 +20,12 @@ for every backend, the torch-based decode; onnxruntime's forward); dlib runs on 
 settings at batch 1 (threads, graph optimisation level, spinning).
 
 Whole photos (``--images`` synthetic photos written as PNG files, plus the first ``--photo-images`` of ``--photos``,
-a folder of real photos, ``contact.png`` skipped): per photo ``read`` (:func:`facemarks.io.read_image`), ``detect``
-(:func:`facemarks.detect.detect` with ``--detector``), ``crop`` (:func:`facemarks.augment.face_crop` per face),
-``network`` (the model on the photo's crops), ``decode`` (:mod:`facemarks.codec` + mapping back to image px) for fp32
+a folder of real photos, ``contact.png`` skipped): per photo ``read`` (:func:`facemarks.core.io.read_image`), ``detect``
+(:func:`facemarks.serving.detect.detect` with ``--detector``), ``crop`` (:func:`facemarks.augmentation.augment.face_crop` per face),
+``network`` (the model on the photo's crops), ``decode`` (:mod:`facemarks.heatmaps.codec` + mapping back to image px) for fp32
 and int8 and each of ``--detectors`` (default: ``auto``, the default of ``facemarks predict``, and dlib's HOG alone,
 the like-for-like row), against dlib's ``read`` + ``detect`` (HOG, upsample 1) + ``predict`` per face. The
-``predict_image`` rows time :func:`facemarks.predict.predict_image` end to end on decoded images (no read) with the
+``predict_image`` rows time :func:`facemarks.serving.predict.predict_image` end to end on decoded images (no read) with the
 first detector, as ``facemarks predict`` runs it.
 
 Downscaled detection: dlib's HOG detector on a copy whose long side is at most ``--detect-max-sides`` px (PIL
@@ -52,18 +52,18 @@ import numpy as np
 import onnxruntime
 import torch
 
-from facemarks import detect as detection
-from facemarks import peers
-from facemarks.atomic import atomic_write_json
-from facemarks.crops import face_crop, invert_points
-from facemarks.export import QUANT_FORMATS, calibration_sample, export_onnx, quantize_int8
-from facemarks.inference import make_codec, predict_heatmaps, time_per_face
-from facemarks.io import box_iou, list_images, read_image, write_image
-from facemarks.model import build_model, load_model
-from facemarks.params import Params, load_params
-from facemarks.predict import predict_image
-from facemarks.runtime import OnnxHeatmaps, available_cores
-from facemarks.synthetic import render_face
+from facemarks.serving import detect as detection
+from facemarks.evaluation import peers
+from facemarks.core.atomic import atomic_write_json
+from facemarks.augmentation.crops import face_crop, invert_points
+from facemarks.serving.export import QUANT_FORMATS, calibration_sample, export_onnx, quantize_int8
+from facemarks.serving.inference import make_codec, predict_heatmaps, time_per_face
+from facemarks.core.io import box_iou, list_images, read_image, write_image
+from facemarks.training.model import build_model, load_model
+from facemarks.core.params import Params, load_params
+from facemarks.serving.predict import predict_image
+from facemarks.serving.runtime import OnnxHeatmaps, available_cores
+from facemarks.data.synthetic import render_face
 
 BATCHES = (1, 32)
 GOAL_INT8_MS = 1.0  # int8, batch 1, 2 threads (issue 23)
@@ -98,7 +98,7 @@ def faces(n: int, params: Params, seed: int = 0) -> list[tuple[np.ndarray, tuple
 
 
 def hog_name() -> str:
-    """dlib's HOG detector alone under :mod:`facemarks.detect`'s name for it (``hog``, formerly ``dlib``)."""
+    """dlib's HOG detector alone under :mod:`facemarks.serving.detect`'s name for it (``hog``, formerly ``dlib``)."""
     return "hog" if "hog" in detection.DETECTORS else "dlib"
 
 
@@ -192,7 +192,7 @@ def main() -> None:
     parser.add_argument("--loss", default="mse")
     parser.add_argument("--size", type=int, help="model input size (default: augment.size of --params)")
     parser.add_argument("--detectors", default=f"auto,{hog_name()}",
-                        help="facemarks.detect detectors of the whole-photo split (the first: predict_image rows)")
+                        help="facemarks.serving.detect detectors of the whole-photo split (the first: predict_image rows)")
     parser.add_argument("--photos", default="", help="a folder of real photos (default: none)")
     parser.add_argument("--photo-images", type=int, default=20, help="real photos in the whole-photo rows")
     parser.add_argument("--detect-max-sides", default="1024,800,640,480",

@@ -98,7 +98,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "src"))
     import yaml
 
-    from facemarks.params import apply_preset, load_params
+    from facemarks.core.params import apply_preset, load_params
 
     with tempfile.TemporaryDirectory(prefix="bench_repro_") as tmp:
         data_repo = Path(tmp) / "data_repo"

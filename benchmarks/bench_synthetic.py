@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from facemarks.atomic import atomic_write_json
-from facemarks.params import Synthetic
-from facemarks.synthetic import generate_split, render_face
+from facemarks.core.atomic import atomic_write_json
+from facemarks.core.params import Synthetic
+from facemarks.data.synthetic import generate_split, render_face
 
 
 def _cpu_seconds() -> float:
@@ -30,7 +30,7 @@ def _split_costs(cfg: Synthetic, n: int, seed: int) -> dict:
     """CPU ms per face of rendering vs PNG encoding (as written now, and at zlib level 1 for comparison)."""
     from PIL import Image
 
-    from facemarks.io import write_image
+    from facemarks.core.io import write_image
 
     rng = np.random.default_rng(seed)
     render_face(rng, cfg)  # warm the background cache
@@ -74,9 +74,9 @@ def main() -> None:
             print(f"{w:>8} {s:>8.2f} {f:>8.1f} {c:>8.2f} {fc:>12.1f}")
         print(f"speed-up 2 vs 1 worker (wall): {result['speedup_2_vs_1']:.2f}x")
         sp = result["split_ms_per_face"]
-        print(f"CPU ms per face: render {sp['render']:.1f}, PNG via facemarks.io.write_image {sp['png_write_image']:.1f}, "
+        print(f"CPU ms per face: render {sp['render']:.1f}, PNG via facemarks.core.io.write_image {sp['png_write_image']:.1f}, "
               f"PNG at zlib level 1 {sp['png_level1']:.1f}")
-        from facemarks import peers
+        from facemarks.evaluation import peers
 
         if peers.available():
             r = peers.realism(recs, Path(tmp) / "w2")

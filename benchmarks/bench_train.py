@@ -6,7 +6,7 @@ machine hurts all alike. The full loop (``train.train_one_epoch`` over ``train.m
 folder, as the stage runs it) is timed too: its ratio to the model alone is the data-loading overhead.
 
 The achieved GFLOP/s is FLOPs per trained image (``torch.utils.flop_counter`` over one forward + backward) x
-images/s, beside the peak (:func:`facemarks.cpuinfo.peak_gflops`: cores x clock x FMA width, from the CPU flags
+images/s, beside the peak (:func:`facemarks.core.cpuinfo.peak_gflops`: cores x clock x FMA width, from the CPU flags
 read here). Prints a table, writes ``metrics/bench_train.json`` (a benchmark file, never a DVC metric).
 
     python benchmarks/bench_train.py [--size 96] [--batch 32] [--batches 8] [--rounds 2] [--levers all]
@@ -29,12 +29,12 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from facemarks import cpuinfo
-from facemarks import train as T
-from facemarks.atomic import atomic_write_json
-from facemarks.codec import HeatmapCodec
-from facemarks.model import build_model
-from facemarks.store import write_split
+from facemarks.core import cpuinfo
+from facemarks.training import train as T
+from facemarks.core.atomic import atomic_write_json
+from facemarks.heatmaps.codec import HeatmapCodec
+from facemarks.training.model import build_model
+from facemarks.core.store import write_split
 
 LEVERS = ("current", "fp32", "bf16", "channels_last", "bf16+channels_last", "nondeterministic", "threads1",
           "workers1")

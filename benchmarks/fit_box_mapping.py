@@ -1,14 +1,14 @@
-"""Refit the detector → training-box mapping (``facemarks.detect.BOX_MAPPING``) on synthetic *training* images.
+"""Refit the detector → training-box mapping (``facemarks.serving.detect.BOX_MAPPING``) on synthetic *training* images.
 
 Run from the repo root: ``PYTHONPATH=src python benchmarks/fit_box_mapping.py [--n 500] [--raw data/raw]``.
 Reads ``<raw>/train.xml`` and its images when they exist (after ``dvc repro download``), else renders the same
 training faces (``data.synthetic`` of params.yaml, ``base.seed``) into a temp folder. Each true face box is paired
 with the detector's own box of highest IoU (≥ ``--min-iou``, before mapping), grouped by the detector's component
-(dlib's sub-detector); every constant is the median over a group's pairs (:func:`facemarks.detect.fit_box_map`). Prints the constants to paste into ``BOX_MAPPING`` and, per detector,
+(dlib's sub-detector); every constant is the median over a group's pairs (:func:`facemarks.serving.detect.fit_box_map`). Prints the constants to paste into ``BOX_MAPPING`` and, per detector,
 the hit rate (IoU ≥ 0.7) and mean IoU before and after the fitted mapping and the score of matched vs unmatched
 detections, on these training images. Writes ``metrics/bench_box_mapping.json`` (quality only, no timings).
 
-Detectors: ``hog`` (dlib's HOG, per sub-detector), ``cnn`` (dlib's CNN detector as :func:`facemarks.detect.cnn_boxes`
+Detectors: ``hog`` (dlib's HOG, per sub-detector), ``cnn`` (dlib's CNN detector as :func:`facemarks.serving.detect.cnn_boxes`
 runs it; ``--n-cnn`` images, it is slow), ``hog-rotate`` (each training image turned by ∓30° — the true box is
 ``face_box`` of the turned points — and HOG on its copy turned by ±30°, boxes turned back: one mapping per copy
 angle) and the LBP ``cascade``. ``--only hog-rotate,cnn`` refits some and keeps the others' rows of the old file.
@@ -22,19 +22,19 @@ from pathlib import Path
 
 import numpy as np
 
-from facemarks.atomic import atomic_write_json
-from facemarks.detect import (BOX_MAPPING, ROTATIONS, cascade_boxes, cnn_available, cnn_boxes, dlib_available,
+from facemarks.core.atomic import atomic_write_json
+from facemarks.serving.detect import (BOX_MAPPING, ROTATIONS, cascade_boxes, cnn_available, cnn_boxes, dlib_available,
                               dlib_boxes, fit_box_map, map_box, rotate_image, rotated_hog_boxes)
-from facemarks.io import box_iou, read_dlib_xml, read_image
-from facemarks.params import Params, load_params
-from facemarks.synthetic import face_box
+from facemarks.core.io import box_iou, read_dlib_xml, read_image
+from facemarks.core.params import Params, load_params
+from facemarks.data.synthetic import face_box
 
 
 def training_faces(raw: Path, n: int, tmp: Path) -> tuple[Path, list]:
     """``(root, records)``: the first ``n`` training images of ``raw`` when present, else rendered into ``tmp``."""
     if (raw / "train.xml").is_file():
         return raw, read_dlib_xml(raw / "train.xml")[:n]
-    from facemarks.synthetic import generate_split
+    from facemarks.data.synthetic import generate_split
 
     p = load_params() if Path("params.yaml").is_file() else Params()
     return tmp, generate_split(tmp, "train", n, p.base.seed, p.data.synthetic)
@@ -126,7 +126,7 @@ def main() -> None:
         r = result[name]
         print(f"{name:10s}{sum(r['n_pairs'].values()):7d}{r['hit_rate_raw']:9.3f}{r['mean_iou_raw']:9.3f}"
               f"{r['hit_rate_mapped']:9.3f}{r['mean_iou_mapped']:9.3f}")
-    print("\nBOX_MAPPING = {  # paste into src/facemarks/detect.py")
+    print("\nBOX_MAPPING = {  # paste into src/facemarks/serving/detect.py")
     for name in detectors:
         maps = ", ".join(f"BoxMap({', '.join(f'{v:.4f}' for v in m)})" for m in result[name]["mapping"])
         print(f'    "{name}": ({maps},),')

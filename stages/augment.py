@@ -1,6 +1,6 @@
 """Stage augment: face crops + seeded augmentation from data/raw into data/augmented/{train,val,test}/.
 
-Writes the split folders (facemarks.store), metrics/augment.json (counts per split, visible fractions),
+Writes the split folders (facemarks.core.store), metrics/augment.json (counts per split, visible fractions),
 timings/augment.json (seconds, crops/s; untracked) and reports/augment_contact_sheet.png (augmented training crops;
 right eye red, left eye blue).
 """
@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from facemarks.atomic import atomic_write_json
-from facemarks.augment import run_augment, write_contact_sheet
-from facemarks.params import load_params
-from facemarks.runner import run
-from facemarks.timings import split_timings, write_timings
+from facemarks.core.atomic import atomic_write_json
+from facemarks.augmentation.augment import run_augment, write_contact_sheet
+from facemarks.core.params import load_params
+from facemarks.core.runner import run
+from facemarks.core.timings import split_timings, write_timings
 
 # wall clock: timings/augment.json (untracked), not metrics/augment.json
 AUGMENT_TIMINGS = ("seconds", "build_seconds", "images_per_s", "cpu_seconds", "images_per_cpu_s")

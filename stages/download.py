@@ -4,20 +4,22 @@ Writes data/raw/, metrics/download.json (counts, skipped items by reason, sha256
 reports/download_contact_sheet.png (16 test faces with their landmarks) and metrics/realism.json (dlib's
 68-point predictor on the test faces when the `peers` extra is installed, else {"skipped": reason}; photos the
 teacher labelled are left out of it); its speed and, for data.source = photos, the teacher's cache hits and dlib
-calls go to timings/download.json (untracked) and the MLflow run. data/raw/teacher.json: facemarks.teacher.
+calls go to timings/download.json (untracked) and the MLflow run. data/raw/teacher.json: facemarks.data.teacher.
 """
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 
-from facemarks import peers, sources, synthetic, teacher
-from facemarks.atomic import atomic_write_json
-from facemarks.io import read_dlib_xml
-from facemarks.params import load_params
-from facemarks.runner import run
-from facemarks.timings import split_timings, write_timings
-from facemarks.tracking import numeric_leaves, start_run
+from facemarks.data import sources, synthetic, teacher
+
+from facemarks.evaluation import peers
+from facemarks.core.atomic import atomic_write_json
+from facemarks.core.io import read_dlib_xml
+from facemarks.core.params import load_params
+from facemarks.core.runner import run
+from facemarks.core.timings import split_timings, write_timings
+from facemarks.core.tracking import numeric_leaves, start_run
 
 RAW = Path("data/raw")
 REALISM_TIMINGS = ("dlib_ms_per_face",)  # wall clock: timings/download.json and MLflow, not metrics/realism.json

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
-from facemarks import codec
-from facemarks.atomic import atomic_write_json
-from facemarks.io import DataError
-from facemarks.model import STRIDE
-from facemarks.params import load_params
-from facemarks.runner import run
-from facemarks.store import read_split
-from facemarks.tracking import start_run
+from facemarks.heatmaps import codec
+from facemarks.core.atomic import atomic_write_json
+from facemarks.core.io import DataError
+from facemarks.training.model import STRIDE
+from facemarks.core.params import load_params
+from facemarks.core.runner import run
+from facemarks.core.store import read_split
+from facemarks.core.tracking import start_run
 
 SPLITS = ("train", "val", "test")
 OUT = Path("data/heatmaps")

@@ -7,22 +7,24 @@ from __future__ import annotations
 
 import numpy as np
 
-from facemarks import detect, detect_eval, evaluation, peers, real_photos, registry
-from facemarks.atomic import atomic_dir, atomic_write_json, atomic_write_text, save_npz_stable
-from facemarks.codec import DECODERS
-from facemarks.device import resolve_device
-from facemarks.inference import time_per_face
-from facemarks.io import photo_files, read_dlib_xml
-from facemarks.metrics import ced_csv
-from facemarks.model import load_model
-from facemarks.params import load_params
-from facemarks.predict import fallback_loss
-from facemarks.runner import run
-from facemarks.runtime import OnnxHeatmaps
-from facemarks.stats import loss_comparison
-from facemarks.store import read_split
-from facemarks.teacher import check_no_overlap, teacher_mask, training_photo_hashes
-from facemarks.timings import split_timings, write_timings
+from facemarks.evaluation import detect_eval, peers, real_photos, testset
+
+from facemarks.serving import detect, registry
+from facemarks.core.atomic import atomic_dir, atomic_write_json, atomic_write_text, save_npz_stable
+from facemarks.heatmaps.codec import DECODERS
+from facemarks.core.device import resolve_device
+from facemarks.serving.inference import time_per_face
+from facemarks.core.io import photo_files, read_dlib_xml
+from facemarks.evaluation.metrics import ced_csv
+from facemarks.training.model import load_model
+from facemarks.core.params import load_params
+from facemarks.serving.predict import fallback_loss
+from facemarks.core.runner import run
+from facemarks.serving.runtime import OnnxHeatmaps
+from facemarks.evaluation.stats import loss_comparison
+from facemarks.core.store import read_split
+from facemarks.data.teacher import check_no_overlap, teacher_mask, training_photo_hashes
+from facemarks.core.timings import split_timings, write_timings
 
 # wall clock, per model row: timings/evaluate.json (untracked) and MLflow, not metrics/eval.json
 EVAL_TIMINGS = ("ms_per_face_b1", "ms_per_face_batched", "ms_per_face",
@@ -47,7 +49,7 @@ def main() -> None:
     arrays = {"gt": np.asarray(test.orig_points), "sigma": np.float64(sigma)}
     for loss in losses:
         models[loss] = load_model(f"models/{loss}/model.pt", device)
-        report[loss], out = evaluation.evaluate_loss(models[loss], test, loss, sigma, ev.threshold, ev.batch_size,
+        report[loss], out = testset.evaluate_loss(models[loss], test, loss, sigma, ev.threshold, ev.batch_size,
                                                      ev.speed_faces, device, flip=ev.flip_test)
         arrays.update({f"{k}_{loss}": v for k, v in out.items()})
         # the same crops and decoder on onnxruntime (stage export's file), timed next to torch (timings only)
@@ -55,15 +57,15 @@ def main() -> None:
         timed = np.asarray(test.images[:ev.speed_faces])
         report[loss].update(onnx_ms_per_face_b1=time_per_face(onnx, timed, loss, sigma, best, 1),
                             onnx_ms_per_face_batched=time_per_face(onnx, timed, loss, sigma, best, ev.batch_size))
-    report["mean_shape"], arrays["nme_mean_shape"] = evaluation.baseline_rows(train, test, ev.threshold)
+    report["mean_shape"], arrays["nme_mean_shape"] = testset.baseline_rows(train, test, ev.threshold)
     notice = peers_notice(ev.peers)
     if notice is None:
-        report["dlib68"], arrays["points_dlib68"], arrays["nme_dlib68"] = evaluation.dlib_row(test, "data/raw",
+        report["dlib68"], arrays["points_dlib68"], arrays["nme_dlib68"] = testset.dlib_row(test, "data/raw",
                                                                                               ev.threshold)
     else:
         print(f"evaluate: no dlib68 row: {notice}")
-    report["roundtrip"] = evaluation.roundtrip_summary(test, sigma)
-    # every pair of losses per test face, every decoder; headline: each loss at its best decoder (facemarks.stats)
+    report["roundtrip"] = testset.roundtrip_summary(test, sigma)
+    # every pair of losses per test face, every decoder; headline: each loss at its best decoder (facemarks.evaluation.stats)
     report["comparison"] = loss_comparison(
         {loss: {d: arrays[f"nme_{d}_{loss}"] for d in DECODERS} for loss in losses},
         {loss: report[loss]["best_decoder"] for loss in losses}, seed=params.base.seed)
@@ -72,12 +74,12 @@ def main() -> None:
     leader = winner or min(losses, key=lambda name: report[name]["nme_io"])  # lower mean NME: shown in the figures
     report.update(winner=winner, leader=leader)
     meta_aug = test.meta.get("augment", {})
-    report["astronaut"], astro = evaluation.astronaut(
+    report["astronaut"], astro = testset.astronaut(
         models[leader], leader, size=int(test.meta["size"]), margin=float(meta_aug.get("margin", 0.25)), sigma=sigma,
         decoder=report[leader]["best_decoder"], use_dlib=notice is None)
     arrays.update(astro)
     if notice is None:  # real portraits bundled with the installed packages, in dlib's box, NME from dlib's points
-        report["real_photos"] = evaluation.real_photo_rows(models, report, size=int(test.meta["size"]),
+        report["real_photos"] = testset.real_photo_rows(models, report, size=int(test.meta["size"]),
                                                            margin=float(meta_aug.get("margin", 0.25)), sigma=sigma)
 
     report["photos"], photos_csv = photos_block(models, report, ev, size=int(test.meta["size"]),
@@ -87,7 +89,7 @@ def main() -> None:
 
     # face detection quality per detector (metrics/detect.json), with the model `facemarks predict` uses by default
     chosen = report["winner"] or fallback_loss(losses)
-    detection, detect_timing = evaluation.detection_report(
+    detection, detect_timing = testset.detection_report(
         models[chosen], chosen, read_dlib_xml("data/raw/test.xml"), "data/raw", size=int(test.meta["size"]),
         margin=float(meta_aug.get("margin", 0.25)), sigma=sigma, decoder=report[chosen]["best_decoder"],
         max_images=ev.detect_images, use_peers=notice is None)
@@ -98,7 +100,7 @@ def main() -> None:
         detect_timing.update({f"photos.{k}": v for k, v in photo_timing.items()})
     atomic_write_json("metrics/detect.json", detection)
     write_timings("detect", detect_timing)
-    evaluation.log_detect_mlflow(detection, detect_timing)
+    testset.log_detect_mlflow(detection, detect_timing)
     for name, row in detection["synthetic_test"].items():
         print(f"evaluate: detector {name:8s} hits {row['hit_rate']:.3f} (IoU >= {detection['hit_iou']}), FP/image "
               f"{row['fp_per_image']:.3f}, mean IoU {row['mean_iou']:.3f}; NME own / true box "
@@ -112,7 +114,7 @@ def main() -> None:
     quality, timing = split_timings(report, [f"{name}.{key}" for name in (*losses, "dlib68") for key in EVAL_TIMINGS])
     atomic_write_json("metrics/eval.json", quality)
     write_timings("evaluate", timing)
-    evaluation.log_eval_mlflow(report, losses)
+    testset.log_eval_mlflow(report, losses)
     registry.register_winner(quality)
     for name in (*losses, "mean_shape", "dlib68"):
         if name in report:
@@ -143,7 +145,7 @@ def photos_block(models: dict, report: dict, ev, *, size: int, margin: float, si
 
 
 def detect_photos(folder: str, model, loss: str, **kw) -> tuple[dict, dict]:
-    """The ``photos`` block of ``metrics/detect.json`` (:func:`facemarks.detect_eval.photo_report`: per detector
+    """The ``photos`` block of ``metrics/detect.json`` (:func:`facemarks.evaluation.detect_eval.photo_report`: per detector
     setting, faces found, missed against the union of the others, likely false positives) and its timings; without
     dlib's CNN model (the peers extra) a one-line ``skipped``."""
     if not detect.cnn_available():

@@ -11,19 +11,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from facemarks import export, peers, real_photos
-from facemarks.atomic import atomic_write_json
-from facemarks.evaluation import train_run_id
-from facemarks.model import load_model
-from facemarks.params import load_params
-from facemarks.runner import run
-from facemarks.runtime import OnnxHeatmaps
-from facemarks.store import read_split
-from facemarks.tracking import start_run
+from facemarks.evaluation import peers, real_photos
+
+from facemarks.serving import export
+from facemarks.core.atomic import atomic_write_json
+from facemarks.evaluation.testset import train_run_id
+from facemarks.training.model import load_model
+from facemarks.core.params import load_params
+from facemarks.core.runner import run
+from facemarks.serving.runtime import OnnxHeatmaps
+from facemarks.core.store import read_split
+from facemarks.core.tracking import start_run
 
 
 def photo_items(params) -> tuple[list | None, str]:
-    """``(image, box, reference points)`` of every face of ``evaluate.photos`` (:func:`facemarks.real_photos.photo_set`)
+    """``(image, box, reference points)`` of every face of ``evaluate.photos`` (:func:`facemarks.evaluation.real_photos.photo_set`)
     for the int8 guard, and a one-line description; None when dlib is not there to give boxes and references."""
     if not params.evaluate.peers or not peers.available():
         return None, "no real photos (" + ("evaluate.peers is false" if not params.evaluate.peers

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import numpy as np
 
-from facemarks import plots
-from facemarks.atomic import atomic_dir
-from facemarks.inference import make_codec, predict_crops
-from facemarks.metrics import nme, normaliser
-from facemarks.model import load_model
-from facemarks.params import load_params
-from facemarks.runner import run
-from facemarks.store import read_split
-from facemarks.tracking import EVAL_HASH_TAG, file_md5, find_run, start_run, tracking_uri
+from facemarks.reporting import plots
+from facemarks.core.atomic import atomic_dir
+from facemarks.serving.inference import make_codec, predict_crops
+from facemarks.evaluation.metrics import nme, normaliser
+from facemarks.training.model import load_model
+from facemarks.core.params import load_params
+from facemarks.core.runner import run
+from facemarks.core.store import read_split
+from facemarks.core.tracking import EVAL_HASH_TAG, file_md5, find_run, start_run, tracking_uri
 
 OUT = Path("reports/eval")
 

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from facemarks import train
-from facemarks.device import resolve_device
-from facemarks.model import LOSSES
-from facemarks.params import load_params
-from facemarks.runner import run
-from facemarks.timings import write_timings
-from facemarks.tracking import start_run
+from facemarks.training import train
+from facemarks.core.device import resolve_device
+from facemarks.training.model import LOSSES
+from facemarks.core.params import load_params
+from facemarks.core.runner import run
+from facemarks.core.timings import write_timings
+from facemarks.core.tracking import start_run
 
 
 def main() -> None:

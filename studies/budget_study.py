@@ -27,7 +27,7 @@ import time
 
 import yaml
 
-from facemarks.params import LOSS_NAMES
+from facemarks.core.params import LOSS_NAMES
 
 BUDGETS: dict[str, tuple[str, ...]] = {
     "default": (),  # params.yaml as it is

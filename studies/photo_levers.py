@@ -4,7 +4,7 @@
         [--folder ../shared/real-photos --pattern '*.jpg'] [--params params.yaml]
 
 For each model, every decoder x flip TTA on/off x box (dlib's box mapped to the training convention, as
-``facemarks predict``; or dlib's raw box) is scored on the real-photo set of :func:`facemarks.real_photos.photo_set`
+``facemarks predict``; or dlib's raw box) is scored on the real-photo set of :func:`facemarks.evaluation.real_photos.photo_set`
 (NME % from the reference: human markup where present, else dlib's points). No training: the models are given.
 One row per run: ``reports/realism/levers/<name>.json``; ``--table`` rebuilds ``reports/realism/levers.md`` from
 the rows (median over faces per setting, mean and spread over the rows' training seeds).
@@ -31,9 +31,9 @@ def raw_boxes(photos):
 
 
 def score(model_path: str, loss: str, photos, size: int, margin: float, sigma: float) -> dict[str, dict]:
-    from facemarks.codec import DECODERS
-    from facemarks.model import load_model
-    from facemarks.real_photos import face_nme, loss_summary, predict_faces
+    from facemarks.heatmaps.codec import DECODERS
+    from facemarks.training.model import load_model
+    from facemarks.evaluation.real_photos import face_nme, loss_summary, predict_faces
 
     model = load_model(model_path)
     out = {}
@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         (ROWS.parent / "levers.md").write_text(table(), encoding="utf-8")
         print(table())
         return 0
-    from facemarks.params import load_params
-    from facemarks.real_photos import photo_set
+    from facemarks.core.params import load_params
+    from facemarks.evaluation.real_photos import photo_set
 
     prm = load_params(args.params)
     photos = photo_set(args.folder, args.pattern, cache=CACHE)

@@ -16,9 +16,9 @@ is shared, so dlib labels each photo once.
 Measured per row (model of one setting and seed, decoder DARK):
 
 - ``val``: NME (%, inter-ocular of dlib's points) on every face dlib's HOG detector finds (upsample 1) in the
-  validation part, the model given **dlib's own detector box** (as :mod:`facemarks.real_photos` does for the bundled
+  validation part, the model given **dlib's own detector box** (as :mod:`facemarks.evaluation.real_photos` does for the bundled
   portraits) — ``val_nme_median`` / ``val_nme_mean``; ``val_mapped_*``: the same faces given the mapped box that
-  ``predict`` feeds the model (:func:`facemarks.detect.map_box`);
+  ``predict`` feeds the model (:func:`facemarks.serving.detect.map_box`);
 - ``portraits``: NME from dlib's points on the two bundled portraits (astronaut, Grace Hopper), dlib's box;
 - ``synthetic_test``: the synthetic test split (300 faces, true boxes), NME median.
 
@@ -70,7 +70,7 @@ BUDGETS = {
 
 def split_files(folder: Path = PHOTOS) -> tuple[list[Path], list[Path]]:
     """``(training part in its fixed order, validation part by name)``."""
-    from facemarks.io import list_images
+    from facemarks.core.io import list_images
 
     files = [p for p in list_images(folder) if p.name not in SKIP]
     val = [p for i, p in enumerate(files) if i % 3 == 2]
@@ -141,16 +141,16 @@ def run(cmd: list[str], work: Path) -> float:
 
 def measure(work: Path, val: list[Path]) -> dict:
     """The MSE model of ``work`` on the validation photos, the bundled portraits and the synthetic test split."""
-    from facemarks.crops import invert_points
-    from facemarks.detect import map_box
-    from facemarks.evaluation import real_photo_rows
-    from facemarks.inference import predict_crops
-    from facemarks.io import read_image
-    from facemarks.metrics import nme, normaliser
-    from facemarks.model import load_model
-    from facemarks.predict import predict_boxes
-    from facemarks.store import read_split
-    from facemarks.teacher import Teacher
+    from facemarks.augmentation.crops import invert_points
+    from facemarks.serving.detect import map_box
+    from facemarks.evaluation.testset import real_photo_rows
+    from facemarks.serving.inference import predict_crops
+    from facemarks.core.io import read_image
+    from facemarks.evaluation.metrics import nme, normaliser
+    from facemarks.training.model import load_model
+    from facemarks.serving.predict import predict_boxes
+    from facemarks.core.store import read_split
+    from facemarks.data.teacher import Teacher
 
     params = yaml.safe_load((work / "params.yaml").read_text())
     size, margin, sigma = params["augment"]["size"], params["augment"]["margin"], params["encode"]["sigma"]
@@ -284,11 +284,11 @@ def report() -> None:
 
 def gain_lines(by_n: dict[int, list[dict]]) -> list[str]:
     """What N photos gain over N = 0 (the synthetic default) on the validation faces, three ways: the per-seed
-    difference of the medians (mean over seeds, Student t interval over seeds: :func:`facemarks.stats.seed_interval`),
+    difference of the medians (mean over seeds, Student t interval over seeds: :func:`facemarks.evaluation.stats.seed_interval`),
     the per-face paired difference (each face's NME averaged over the seeds of a setting, percentile bootstrap over
-    faces: :func:`facemarks.stats.paired_comparison`; faces of one photo are not independent, so this interval is the
+    faces: :func:`facemarks.evaluation.stats.paired_comparison`; faces of one photo are not independent, so this interval is the
     optimistic one), and the least-squares slope of the per-seed medians against N (NME points per 10 photos)."""
-    from facemarks.stats import paired_comparison, seed_interval
+    from facemarks.evaluation.stats import paired_comparison, seed_interval
 
     base = by_n.get(0)
     if not base or len(by_n) < 2:

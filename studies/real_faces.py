@@ -2,12 +2,12 @@
 
 The faces: a keypoints-CSV folder (``--faces``, e.g. ``../shared/real-faces``; never copied into the repository),
 read by the ``local`` source with the person rule ``^(.+)_\\d+$`` and split by person with ``base.seed`` 0 and
-``test_fraction`` 0.2 (:func:`facemarks.local.seeded_split`; the held-out people are listed in
+``test_fraction`` 0.2 (:func:`facemarks.data.local.seeded_split`; the held-out people are listed in
 ``reports/real_faces/split.md``). Every model trains with the default recipe (``params.yaml``: 96 px, 2 + 1 epochs,
 ``train.*``) unless an arm says otherwise, validation split by person too, and is scored on
 
 - ``heldout``: every frame of the held-out people against the human markup, the model given dlib's HOG detector box
-  mapped as ``facemarks predict`` maps it (:func:`facemarks.real_photos.photo_set`; a face dlib misses gets the box
+  mapped as ``facemarks predict`` maps it (:func:`facemarks.evaluation.real_photos.photo_set`; a face dlib misses gets the box
   of its markup by the training-box rule), dark decoder, flip test on; dlib's own predictor in its own box is the
   reference row (faces dlib finds);
 - ``photos``: ``--photos`` (``../shared/real-photos``), against dlib's 68 points;
@@ -44,15 +44,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from facemarks import groups, sources, stats, train
-from facemarks.augment import run_augment
-from facemarks.codec import HeatmapCodec, write_heatmaps
-from facemarks.io import ImageRecord, read_dlib_xml, write_dlib_xml
-from facemarks.model import STRIDE
-from facemarks.params import Data, Local, load_params
-from facemarks.peers import Dlib68
-from facemarks.real_photos import face_nme, photo_set, predict_faces
-from facemarks.store import read_split
+from facemarks.data import groups, sources
+
+from facemarks.evaluation import stats
+
+from facemarks.training import train
+from facemarks.augmentation.augment import run_augment
+from facemarks.heatmaps.codec import HeatmapCodec, write_heatmaps
+from facemarks.core.io import ImageRecord, read_dlib_xml, write_dlib_xml
+from facemarks.training.model import STRIDE
+from facemarks.core.params import Data, Local, load_params
+from facemarks.evaluation.peers import Dlib68
+from facemarks.evaluation.real_photos import face_nme, photo_set, predict_faces
+from facemarks.core.store import read_split
 
 PERSON = r"^(.+)_\d+$"
 OUT = Path("reports/real_faces")
@@ -312,7 +316,7 @@ def write_split_note(work: Path, faces: Path, out: Path, heldout) -> None:
     train_people = sorted({table[r.file] for r in read_dlib_xml(raw / "train.xml")})
     lines = ["# The person split of the real-faces study", "",
              f"`local` source, `data.local.group: '{PERSON}'`, `test_fraction: 0.2`, `base.seed: 0` "
-             "(`facemarks.local.seeded_split`): "
+             "(`facemarks.data.local.seeded_split`): "
              f"{len(train_people)} training people, {len(test_people)} held-out people "
              f"({sum(1 for _ in read_dlib_xml(raw / 'test.xml'))} frames; dlib's HOG detector finds "
              f"{sum(f.detector_box is not None for f in heldout.faces)} of them). Held-out people:", "",

@@ -5,7 +5,7 @@ Each row runs the real stage scripts (download → augment → encode → train@
 
 - dlib realism on the synthetic test faces (``metrics/realism.json``: dlib's NME and detector hit rate),
 - the MSE model's synthetic test NME (inter-ocular, %, DARK decoder, true boxes),
-- its NME from dlib's points on the bundled real portraits (:mod:`facemarks.real_photos`: astronaut, Grace Hopper),
+- its NME from dlib's points on the bundled real portraits (:mod:`facemarks.evaluation.real_photos`: astronaut, Grace Hopper),
 - the download stage's seconds (kept in the row's JSON; not a speed benchmark on a shared machine:
   ``benchmarks/bench_synthetic.py`` measures generation speed).
 
@@ -72,13 +72,13 @@ def run_stages(work: Path, code: Path = ROOT, data_only: bool = False) -> dict[s
 
 def measure(work: Path) -> dict:
     """The MSE model of ``work`` on its synthetic test split and on the bundled real portraits (DARK decoder), with the
-    library's own scoring: :func:`facemarks.inference.predict_crops` and :func:`facemarks.evaluation.real_photo_rows`."""
-    from facemarks.crops import invert_points
-    from facemarks.evaluation import real_photo_rows
-    from facemarks.inference import predict_crops
-    from facemarks.metrics import nme, normaliser
-    from facemarks.model import load_model
-    from facemarks.store import read_split
+    library's own scoring: :func:`facemarks.serving.inference.predict_crops` and :func:`facemarks.evaluation.testset.real_photo_rows`."""
+    from facemarks.augmentation.crops import invert_points
+    from facemarks.evaluation.testset import real_photo_rows
+    from facemarks.serving.inference import predict_crops
+    from facemarks.evaluation.metrics import nme, normaliser
+    from facemarks.training.model import load_model
+    from facemarks.core.store import read_split
 
     params = yaml.safe_load((work / "params.yaml").read_text())
     size, margin, sigma = params["augment"]["size"], params["augment"]["margin"], params["encode"]["sigma"]

@@ -8,20 +8,20 @@ reports/study/<study>/{runs.csv, table.md, nme_vs_budget.png}.
 A study is run over several sittings and machines: every train run it made is one row of ``runs.csv`` (one model:
 study, budget, seed, loss, synthetic test NME, real-photo NME, the MLflow run and the md5 of ``model.pt``), which is
 committed. Each call reads the committed rows, adds the train runs tagged ``study=NAME`` in the store
-(``facemarks.tracking.tracking_uri``: ``MLFLOW_TRACKING_URI``, else ``mlflow.db`` at the repository root) that it
+(``facemarks.core.tracking.tracking_uri``: ``MLFLOW_TRACKING_URI``, else ``mlflow.db`` at the repository root) that it
 does not hold yet (a row of the same run id is updated, its real-photo columns kept), and rewrites the three files.
 Per (budget, seed, loss) the latest run counts; older reruns are listed as superseded.
 
 ``--score-photos`` scores every row that has no real-photo NME yet and whose model file is in a DVC cache
 (``<cache>/files/md5/<md5[:2]>/<md5[2:]>``, md5 from the train run's ``facemarks.model_md5`` tag; default cache:
-the current folder's ``.dvc/cache``): the real-photo evaluation of :mod:`facemarks.real_photos` on ``--photos``
+the current folder's ``.dvc/cache``): the real-photo evaluation of :mod:`facemarks.evaluation.real_photos` on ``--photos``
 (human markup where present, else dlib's points in dlib's box), at the decoder the run's evaluate found best on the
 synthetic test faces, crop margin 0.25 (``augment.margin``, which no study changes). Its median is also logged into
 the train run as ``photos_median``.
 
 Per budget the table gives, per loss, the mean ± sd over seeds of the synthetic test NME and of the real-photo
 median, and for every pair of losses the paired difference over seeds with a Student t 95 % interval
-(:func:`facemarks.aggregate.summarise`): a loss is named only when that interval excludes 0.
+(:func:`facemarks.evaluation.aggregate.summarise`): a loss is named only when that interval excludes 0.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ PHOTO_VALUE = "photos_median"
 # --------------------------------------------------------------------------------------------------- the rows
 def store_rows(study: str, experiment: str | None = None, tracking_uri: str | None = None) -> list[dict]:
     """One row per evaluated train run tagged ``study`` in the store (real-photo columns from its metrics if any)."""
-    from facemarks import aggregate
+    from facemarks.evaluation import aggregate
 
     rows = []
     for run in aggregate.search_train_runs(experiment, study, tracking_uri):
@@ -64,7 +64,7 @@ def store_rows(study: str, experiment: str | None = None, tracking_uri: str | No
 def budget_name(exp_name: str, study: str, seed: int | None) -> str:
     """``<budget>`` of an experiment named ``<study>-<budget>[-<loss>...]-s<seed>`` (``studies/budget_study.py``;
     the loss segments name an experiment that trained only those losses), else ''."""
-    from facemarks.params import LOSS_NAMES
+    from facemarks.core.params import LOSS_NAMES
 
     prefix, suffix = f"{study}-", f"-s{seed}"
     if not (exp_name.startswith(prefix) and exp_name.endswith(suffix)):
@@ -133,8 +133,8 @@ def current(rows: list[dict]) -> tuple[list[dict], int]:
 
 
 def pairs(rows: list[dict], value: str = "test_nme") -> list:
-    """Rows grouped by (budget, seed) as :class:`facemarks.aggregate.Pair` with ``nme`` = ``value`` per loss."""
-    from facemarks.aggregate import Pair
+    """Rows grouped by (budget, seed) as :class:`facemarks.evaluation.aggregate.Pair` with ``nme`` = ``value`` per loss."""
+    from facemarks.evaluation.aggregate import Pair
 
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -160,8 +160,8 @@ def model_file(md5: str, caches: list[Path]) -> Path | None:
 def score_photos(rows: list[dict], caches: list[Path], folder: str, pattern: str,
                  tracking_uri: str | None = None) -> int:
     """Fill the real-photo columns of every row without them whose model is in ``caches``; returns how many."""
-    from facemarks.model import load_model
-    from facemarks.real_photos import face_nme, loss_summary, photo_set, predict_faces
+    from facemarks.training.model import load_model
+    from facemarks.evaluation.real_photos import face_nme, loss_summary, photo_set, predict_faces
 
     todo = [r for r in rows if r.get(PHOTO_VALUE) is None and model_file(r.get("model_md5") or "", caches)]
     if not todo:
@@ -185,7 +185,7 @@ def score_photos(rows: list[dict], caches: list[Path], folder: str, pattern: str
 def _log_photos(row: dict, tracking_uri: str | None) -> None:
     import mlflow
 
-    from facemarks.tracking import tracking_uri as default_uri
+    from facemarks.core.tracking import tracking_uri as default_uri
 
     client = mlflow.MlflowClient(tracking_uri or default_uri())
     try:
@@ -205,7 +205,7 @@ def _pm(entry: dict | None) -> str:
 
 
 def _label(budget: tuple, names: dict) -> str:
-    from facemarks.aggregate import budget_label
+    from facemarks.evaluation.aggregate import budget_label
 
     return f"{names[budget]}: {budget_label(budget)}" if names.get(budget) else budget_label(budget)
 
@@ -215,7 +215,7 @@ def _comparisons(entry: dict | None) -> dict:
 
 
 def table_markdown(study: str, rows: list[dict], superseded: int) -> str:
-    from facemarks import aggregate
+    from facemarks.evaluation import aggregate
 
     test = {e["budget"]: e for e in aggregate.summarise(pairs(rows, "test_nme"))}
     photo = {e["budget"]: e for e in aggregate.summarise(pairs(rows, PHOTO_VALUE))} if any(
@@ -266,8 +266,8 @@ def figure(study: str, rows: list[dict]):
     (right)."""
     import numpy as np
 
-    from facemarks import aggregate
-    from facemarks.plots import plt
+    from facemarks.evaluation import aggregate
+    from facemarks.reporting.plots import plt
 
     budgets = sorted({(r["input_size"], r["epochs_phase1"], r["epochs_phase2"]) for r in rows})
     losses = [loss for loss in aggregate.LOSSES if any(r["loss"] == loss for r in rows)]
@@ -309,8 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dvc-cache", nargs="*", default=[".dvc/cache"], help="DVC caches holding the models")
     args = parser.parse_args(argv)
 
-    from facemarks.atomic import atomic_write_text
-    from facemarks.plots import save_figure
+    from facemarks.core.atomic import atomic_write_text
+    from facemarks.reporting.plots import save_figure
 
     out = Path(args.out) / args.study
     rows = merge(read_rows(out / "runs.csv"), [] if args.no_store else store_rows(args.study, args.experiment))

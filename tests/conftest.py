@@ -47,7 +47,7 @@ def sh(repo: Path, *cmd: str, check: bool = True, timeout: float = 900) -> subpr
 
 def make_repo(dest: Path, preset: str | None = "tiny") -> Path:
     """Copy the project into ``dest`` (a fresh git + DVC repo) and apply ``preset``."""
-    from facemarks.params import apply_preset
+    from facemarks.core.params import apply_preset
 
     for f in project_files():
         (dest / f).parent.mkdir(parents=True, exist_ok=True)
@@ -62,7 +62,7 @@ def make_repo(dest: Path, preset: str | None = "tiny") -> Path:
 
 @pytest.fixture(autouse=True)
 def _no_mlflow_uri_leaks_between_tests():
-    """``mlflow.set_tracking_uri`` (facemarks.tracking calls it in-process) sets a process-wide URI *and* the
+    """``mlflow.set_tracking_uri`` (facemarks.core.tracking calls it in-process) sets a process-wide URI *and* the
     ``MLFLOW_TRACKING_URI`` variable, which outlive ``monkeypatch``: restore both after every test, so that one test's
     store never answers for the next (the suite's order must not matter)."""
     before = os.environ.get("MLFLOW_TRACKING_URI")

@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from facemarks import aggregate, cli
+from facemarks import cli
+
+from facemarks.evaluation import aggregate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -186,9 +188,9 @@ def test_study_report_scores_models_from_the_dvc_cache_on_real_photos(store, tmp
     import mlflow
     import torch
 
-    from facemarks import real_photos
-    from facemarks.io import write_image
-    from facemarks.model import build_model
+    from facemarks.evaluation import real_photos
+    from facemarks.core.io import write_image
+    from facemarks.training.model import build_model
 
     photos = tmp_path / "photos"
     photos.mkdir()

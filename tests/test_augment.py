@@ -1,4 +1,4 @@
-"""Tests for facemarks.augment: crop geometry and skimage convention, flips, visibility, determinism, splits."""
+"""Tests for facemarks.augmentation.augment: crop geometry and skimage convention, flips, visibility, determinism, splits."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from skimage.draw import disk
 
-from facemarks.augment import (augment_matrix, build_splits, contact_sheet, make_sample, make_samples, run_augment,
+from facemarks.augmentation.augment import (augment_matrix, build_splits, contact_sheet, make_sample, make_samples, run_augment,
                                sample_rng, split_val, write_contact_sheet)
-from facemarks.crops import apply_transform, crop_transform, face_crop, invert_points, warp_gray
-from facemarks.io import Face, ImageRecord, read_image, write_dlib_xml, write_image
-from facemarks.landmarks import LEFT_EYE, MIRROR, RIGHT_EYE
-from facemarks.params import Augment
-from facemarks.store import read_split
+from facemarks.augmentation.crops import apply_transform, crop_transform, face_crop, invert_points, warp_gray
+from facemarks.core.io import Face, ImageRecord, read_image, write_dlib_xml, write_image
+from facemarks.core.landmarks import LEFT_EYE, MIRROR, RIGHT_EYE
+from facemarks.core.params import Augment
+from facemarks.core.store import read_split
 
 ROOT = Path(__file__).resolve().parents[1]
 ISSUE_PAIRS = ([(i, 16 - i) for i in range(8)] + [(17, 26), (18, 25), (19, 24), (20, 23), (21, 22)]
@@ -212,8 +212,8 @@ def test_augmented_landmarks_stay_on_drawn_features(tmp_path):
 def test_synthetic_faces_keep_feature_energy_after_augmentation(tmp_path):
     """Landmarks still lie on the generator's drawn features: gradient energy at the points stays high,
     and clearly above the same points shifted by 6 px."""
-    from facemarks.params import Synthetic
-    from facemarks.synthetic import feature_energy, generate_split
+    from facemarks.core.params import Synthetic
+    from facemarks.data.synthetic import feature_energy, generate_split
 
     # full-strength features, no occluders: this checks where the points land, not how realistic faces are
     syn = Synthetic(min_size=96, max_size=128, workers=1, occluder_prob=0.0, glasses_prob=0.0, hand_prob=0.0,
@@ -304,7 +304,7 @@ def test_stage_script_writes_outputs(tmp_path):
 
 
 def test_bad_box_and_missing_image_name_the_file(tmp_path):
-    from facemarks.io import DataError
+    from facemarks.core.io import DataError
 
     raw = make_raw(tmp_path / "raw", n_train=2, n_test=1)
     (raw / "images" / "test_0.png").unlink()
@@ -319,7 +319,7 @@ def test_bad_box_and_missing_image_name_the_file(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- domain randomisation
 def test_motion_kernel_is_a_normalised_line_along_its_angle():
-    from facemarks.augment import motion_kernel
+    from facemarks.augmentation.augment import motion_kernel
 
     flat = motion_kernel(4.0, 0.0)
     assert flat.sum() == pytest.approx(1.0) and flat.shape == (5, 5)
@@ -329,7 +329,7 @@ def test_motion_kernel_is_a_normalised_line_along_its_angle():
 
 
 def test_jpeg_roundtrip_adds_block_artefacts_that_grow_as_quality_drops():
-    from facemarks.augment import jpeg_roundtrip
+    from facemarks.augmentation.augment import jpeg_roundtrip
 
     rng = np.random.default_rng(0)
     img = np.clip(128 + 40 * rng.standard_normal((64, 64)), 0, 255).astype(np.float32)
@@ -339,7 +339,7 @@ def test_jpeg_roundtrip_adds_block_artefacts_that_grow_as_quality_drops():
 
 
 def test_colour_cast_changes_only_augmented_copies(tmp_path):
-    from facemarks.augment import colour_cast_weights
+    from facemarks.augmentation.augment import colour_cast_weights
 
     w = colour_cast_weights(np.random.default_rng(1), 0.3)
     assert w.sum() == pytest.approx(1.0) and (w > 0).all()

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 from skimage.data import astronaut, coffee
 
-from facemarks import detect as D
-from facemarks.detect_eval import SETTINGS, marked_face_report, marked_faces, photo_halves
-from facemarks.io import box_iou
+from facemarks.serving import detect as D
+from facemarks.evaluation.detect_eval import SETTINGS, marked_face_report, marked_faces, photo_halves
+from facemarks.core.io import box_iou
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_cnn = pytest.mark.skipif(not D.cnn_available(), reason="dlib or its CNN model file (the peers extra) is absent")

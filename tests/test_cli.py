@@ -1,4 +1,4 @@
-"""facemarks.cli, facemarks.predict and facemarks.evaluation on real inputs: the astronaut photo through the cascade
+"""facemarks.cli, facemarks.serving.predict and facemarks.evaluation.testset on real inputs: the astronaut photo through the cascade
 and a real (untrained, seeded) HeatmapNet, the no-face exit, `compare` on a real sqlite MLflow store, `preset`, `ui`,
 train-run lookup."""
 from __future__ import annotations
@@ -12,14 +12,14 @@ import pytest
 import torch
 
 from facemarks import cli
-from facemarks.detect import detect
-from facemarks.predict import predict_image
-from facemarks.io import box_iou
-from facemarks.model import build_model
+from facemarks.serving.detect import detect
+from facemarks.serving.predict import predict_image
+from facemarks.core.io import box_iou
+from facemarks.training.model import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 # dlib's HOG detector box on scikit-image's astronaut photo, and the centre of dlib's 68 points inside it
-# (points span x 179-272, y 87-178): measured once with facemarks.peers.Dlib68.
+# (points span x 179-272, y 87-178): measured once with facemarks.evaluation.peers.Dlib68.
 ASTRONAUT_FACE = (175.0, 76.0, 91.0, 91.0)
 ASTRONAUT_CENTRE = (225.0, 132.0)
 SIZE = 64
@@ -56,7 +56,7 @@ def test_cascade_finds_the_astronaut_face():
 def test_predict_image_returns_68_points_around_the_face(model_file):
     from skimage.data import astronaut
 
-    from facemarks.model import load_model
+    from facemarks.training.model import load_model
 
     faces = predict_image(load_model(model_file), astronaut(), "bce", size=SIZE, margin=0.25, sigma=1.5,
                           detector="cascade")
@@ -93,7 +93,7 @@ def test_cli_predict_astronaut_writes_json_and_overlay(tmp_path, model_file, cap
 
 
 def test_cli_predict_no_face_exits_1_with_a_message(tmp_path, model_file, capsys):
-    from facemarks.io import write_image
+    from facemarks.core.io import write_image
 
     blank = tmp_path / "blank.png"
     write_image(blank, np.full((120, 160), 200, np.uint8))
@@ -158,7 +158,7 @@ def test_compare_prints_the_table_from_the_store(store, capsys):
 def test_train_run_id_prefers_metrics_file_then_tags(store, tmp_path):
     import mlflow
 
-    from facemarks.evaluation import train_run_id
+    from facemarks.evaluation.testset import train_run_id
 
     mlflow.set_tracking_uri(store)
     old = log_run("bce", "bce", "train@bce", {}, "runs")
@@ -172,7 +172,7 @@ def test_train_run_id_prefers_metrics_file_then_tags(store, tmp_path):
 
 
 def test_preset_and_ui(tmp_path, monkeypatch, store, capsys):
-    from facemarks.params import load_params
+    from facemarks.core.params import load_params
 
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     shutil.copytree(ROOT / "presets", tmp_path / "presets")
@@ -186,9 +186,9 @@ def test_preset_and_ui(tmp_path, monkeypatch, store, capsys):
 
 
 def test_astronaut_summary_without_and_with_dlib(model_file):
-    from facemarks import peers
-    from facemarks.evaluation import astronaut
-    from facemarks.model import load_model
+    from facemarks.evaluation import peers
+    from facemarks.evaluation.testset import astronaut
+    from facemarks.training.model import load_model
 
     model = load_model(model_file)
     kw = dict(size=SIZE, margin=0.25, sigma=1.5, decoder="subpixel")

@@ -1,4 +1,4 @@
-"""facemarks.codec: coordinates, encode, the seven decoders, round-trip bounds (issue 4), file writing, stage."""
+"""facemarks.heatmaps.codec: coordinates, encode, the seven decoders, round-trip bounds (issue 4), file writing, stage."""
 from __future__ import annotations
 
 import json
@@ -15,8 +15,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from facemarks import codec
-from facemarks.codec import DECODERS, HeatmapCodec, decode, encode, in_map, to_input, to_map
+from facemarks.heatmaps import codec
+from facemarks.heatmaps.codec import DECODERS, HeatmapCodec, decode, encode, in_map, to_input, to_map
 
 ROOT = Path(__file__).resolve().parents[1]
 H = W = 56  # the issue's reference map size
@@ -282,7 +282,7 @@ def test_encode_to_npy_writes_chunks_equal_to_one_shot_encode(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ stage
 def _fake_augmented(root: Path, size: int) -> None:
-    from facemarks.store import write_split
+    from facemarks.core.store import write_split
 
     rng = np.random.default_rng(0)
     for name, n in (("train", 5), ("val", 2), ("test", 3)):

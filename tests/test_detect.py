@@ -1,5 +1,5 @@
-"""facemarks.detect on real images: detector choice, the fitted box mapping on freshly rendered synthetic faces, the
-fallback when dlib cannot be imported, and the detection-quality helpers of facemarks.evaluation."""
+"""facemarks.serving.detect on real images: detector choice, the fitted box mapping on freshly rendered synthetic faces, the
+fallback when dlib cannot be imported, and the detection-quality helpers of facemarks.evaluation.testset."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from skimage.data import astronaut
 
-from facemarks import detect as D
-from facemarks.evaluation import detection_row, match_detections
-from facemarks.io import box_iou
-from facemarks.params import Synthetic
-from facemarks.synthetic import render_face
+from facemarks.serving import detect as D
+from facemarks.evaluation.testset import detection_row, match_detections
+from facemarks.core.io import box_iou
+from facemarks.core.params import Synthetic
+from facemarks.data.synthetic import render_face
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_dlib = pytest.mark.skipif(not D.dlib_available(), reason="dlib (the peers extra) is not installed")
@@ -214,7 +214,7 @@ def test_without_dlib_auto_falls_back_to_the_cascade(tmp_path):
         import json, sys
         sys.modules["dlib"] = None  # as if the peers extra were not installed
         from skimage.data import astronaut
-        from facemarks import detect
+        from facemarks.serving import detect
         out = {"available": detect.dlib_available(), "auto": detect.resolve("auto"),
                "found": [d.detector for d in detect.detect(astronaut(), "auto")]}
         try:
@@ -262,8 +262,8 @@ def test_photo_report_on_real_photos(tmp_path):
 
     import torch
 
-    from facemarks.detect_eval import SETTINGS, photo_report
-    from facemarks.model import build_model
+    from facemarks.evaluation.detect_eval import SETTINGS, photo_report
+    from facemarks.training.model import build_model
 
     if not D.cnn_available():
         pytest.skip("dlib's CNN model file is not installed")

@@ -4,6 +4,7 @@ shown exists, the README's embedded results table is what ``facemarks summary`` 
 ``metrics/eval.json``, and the README's ``dvc exp show`` command fits 120 columns on a real DVC repository."""
 from __future__ import annotations
 
+import ast
 import copy
 import json
 import os
@@ -16,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from facemarks import cli, summary
+from facemarks import cli
+
+from facemarks.reporting import summary
 
 from conftest import make_repo, sh
 
@@ -177,11 +180,11 @@ def test_summary_follows_the_evaluation_file_and_check_catches_a_stale_readme(tm
         report["losses"] = [*losses, "awing"]
     report["awing"]["nme_io"] = 5.4321
     report["winner"] = "awing"
-    # the photos block as evaluate writes it (facemarks.real_photos.photos_report): 6 faces in 5 photos, one of them
+    # the photos block as evaluate writes it (facemarks.evaluation.real_photos.photos_report): 6 faces in 5 photos, one of them
     # human-marked; per-face NME chosen so that each loss has a known median
     import numpy as np
 
-    from facemarks.real_photos import PhotoFace, PhotoSet, photos_report
+    from facemarks.evaluation.real_photos import PhotoFace, PhotoSet, photos_report
 
     faces = [PhotoFace(f"p{i}.jpg", 0, f"{i:064x}", "human" if i == 0 else "dlib", (10.0, 10.0, 80.0, 80.0), "dlib",
                        (12.0, 12.0, 78.0, 78.0), np.zeros((68, 2))) for i in range(5)]
@@ -291,10 +294,10 @@ def test_readme_dvc_exp_show_keeps_every_params_section():
 def test_every_dvc_exp_run_set_shown_applies_and_validates(tmp_path):
     """Each ``dvc exp run -S key=value ...`` shown, applied by DVC's own override code (Hydra grammar, struct mode:
     an unknown key is refused) to a copy of params.yaml, gives a file that passes the real validation
-    (:func:`facemarks.params.load_params`), as the stages would check it."""
+    (:func:`facemarks.core.params.load_params`), as the stages would check it."""
     from dvc.utils.hydra import apply_overrides
 
-    from facemarks.params import load_params
+    from facemarks.core.params import load_params
 
     checked = 0
     for page in PAGES:
@@ -319,7 +322,7 @@ def test_every_dvc_exp_run_set_shown_applies_and_validates(tmp_path):
 def test_a_wrong_dvc_exp_run_set_is_caught(tmp_path):
     from dvc.utils.hydra import apply_overrides
 
-    from facemarks.params import ParamsError, load_params
+    from facemarks.core.params import ParamsError, load_params
 
     params = tmp_path / "params.yaml"
     shutil.copy2(ROOT / "params.yaml", params)
@@ -331,12 +334,17 @@ def test_a_wrong_dvc_exp_run_set_is_caught(tmp_path):
 
 
 def test_design_module_table_lists_every_module():
-    """docs/design.md's module table names every module of src/facemarks/ that git tracks (what a fresh clone has)
-    and no module that is gone."""
-    table = set(re.findall(r"^\| `(\w+)` \|", (ROOT / "docs" / "design.md").read_text(encoding="utf-8").split(
-        "## Modules", 1)[1].split("\n## ", 1)[0], re.M))
+    """docs/design.md's module table names every module of src/facemarks/ that git tracks (what a fresh clone has),
+    as ``package.module`` (``cli`` at the top), each package with its one-line docstring, and no module that is gone."""
+    section = (ROOT / "docs" / "design.md").read_text(encoding="utf-8").split("## Modules", 1)[1].split("\n## ", 1)[0]
+    table = set(re.findall(r"^\| `([\w.]+)` \|", section, re.M))
     tracked = tracked_files()
-    files = (ROOT / "src" / "facemarks").glob("*.py")
-    modules = {p.stem for p in files if p.stem != "__init__"
-               and (tracked is None or str(p.relative_to(ROOT)) in tracked)}
+    src = ROOT / "src" / "facemarks"
+    files = [p for p in src.rglob("*.py") if p.stem != "__init__"
+             and (tracked is None or str(p.relative_to(ROOT)) in tracked)]
+    modules = {".".join(p.relative_to(src).with_suffix("").parts) for p in files}
+    for package in sorted({p.parent for p in files} - {src}):
+        doc = ast.get_docstring(ast.parse((package / "__init__.py").read_text()))
+        assert doc and len(doc.splitlines()) == 1, f"{package.name}/__init__.py: want a one-line docstring"
+        assert f"| **`{package.name}`** | *{doc}* |" in section, f"docs/design.md: no row for package {package.name}"
     assert table == modules, f"not in docs/design.md: {sorted(modules - table)}; gone: {sorted(table - modules)}"

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import make_repo, pipeline_env
-from facemarks.io import Face, ImageRecord, read_dlib_xml, write_dlib_xml, write_image
+from facemarks.core.io import Face, ImageRecord, read_dlib_xml, write_dlib_xml, write_image
 
 pytestmark = pytest.mark.slow  # two stage subprocesses + a fresh MLflow store: about a minute on 2 cores
 

@@ -5,7 +5,7 @@
   stage runs makes that stage stale; the test names each missing file.
 - No import cycle among ``facemarks`` modules, and no ``facemarks`` import inside a function: the module-level
   imports *are* the dependency graph (the optional extras dlib and onnxruntime, which are not ``facemarks``
-  modules, are imported on first use behind :mod:`facemarks.extras`).
+  modules, are imported on first use behind :mod:`facemarks.core.extras`).
 
 A package ``__init__.py`` runs on every import of its package; one that holds only a docstring decides nothing and
 is not demanded as a dep.
@@ -140,8 +140,8 @@ def test_dvc_yaml_lists_every_module_the_stage_script_imports(stage):
 def test_the_deps_check_sees_transitive_imports():
     """The check is not vacuous: the evaluate stage reaches the landmarks module only through other modules."""
     script = stage_script(dvc_stages()["evaluate"])
-    assert SRC / PACKAGE / "landmarks.py" in transitive_files(script)
-    assert "facemarks.landmarks" not in module_level_deps(script)
+    assert SRC / PACKAGE / "core" / "landmarks.py" in transitive_files(script)
+    assert "facemarks.core.landmarks" not in module_level_deps(script)
 
 
 def test_no_facemarks_import_inside_a_function():

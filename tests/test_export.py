@@ -1,4 +1,4 @@
-"""facemarks.export and facemarks.runtime: real ONNX export of a real HeatmapNet, onnxruntime vs torch parity, the
+"""facemarks.serving.export and facemarks.serving.runtime: real ONNX export of a real HeatmapNet, onnxruntime vs torch parity, the
 torch-free runtime, and the `export` stage's outputs in the tiny pipeline (ONNX files, metrics, MLflow onnx flavour)."""
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ import torch
 import yaml
 from torch import nn
 
-from facemarks import cpuinfo, export
-from facemarks.inference import make_codec
-from facemarks.model import GREY_MEAN, GREY_STD, build_model, images_to_tensor
-from facemarks.runtime import OnnxHeatmaps
+from facemarks.core import cpuinfo
+
+from facemarks.serving import export
+from facemarks.serving.inference import make_codec
+from facemarks.training.model import GREY_MEAN, GREY_STD, build_model, images_to_tensor
+from facemarks.serving.runtime import OnnxHeatmaps
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64  # the default input size (params.yaml augment.size)
@@ -121,9 +123,9 @@ def test_peaked_flags_flat_and_tied_maps():
 
 
 def test_runtime_runs_without_torch(exported, crops, tmp_path):
-    """facemarks.runtime imports neither torch nor the training stack: a deployment needs onnxruntime only."""
+    """facemarks.serving.runtime imports neither torch nor the training stack: a deployment needs onnxruntime only."""
     np.save(tmp_path / "crops.npy", crops)
-    code = ("import sys, numpy as np\nfrom facemarks.runtime import OnnxHeatmaps\n"
+    code = ("import sys, numpy as np\nfrom facemarks.serving.runtime import OnnxHeatmaps\n"
             f"rt = OnnxHeatmaps({str(exported['bce'][1])!r}, threads=1)\n"
             f"h = rt(np.load({str(tmp_path / 'crops.npy')!r}))\n"
             "bad = sorted(m for m in ('torch', 'mlflow', 'dvc', 'matplotlib') if m in sys.modules)\n"
@@ -135,7 +137,7 @@ def test_runtime_runs_without_torch(exported, crops, tmp_path):
 
 
 def test_runtime_threads_default_to_the_available_cores(exported):
-    from facemarks.runtime import available_cores
+    from facemarks.serving.runtime import available_cores
 
     runtime = OnnxHeatmaps(exported["mse"][1])
     assert runtime.threads == available_cores() >= 1
@@ -176,7 +178,7 @@ def test_export_stage_writes_onnx_parity_metrics_and_logs_the_onnx_flavour(tiny_
 
 
 def test_predict_uses_the_onnx_twin_only_when_it_was_exported_from_the_chosen_model(tmp_path, exported):
-    from facemarks.predict import ModelChoice, load_predictor
+    from facemarks.serving.predict import ModelChoice, load_predictor
 
     model, twin = exported["mse"]
     root = twin.parents[2]
@@ -201,7 +203,7 @@ def test_predict_uses_the_onnx_twin_only_when_it_was_exported_from_the_chosen_mo
 def test_whole_image_prediction_is_the_same_on_either_backend(exported):
     from skimage.data import astronaut
 
-    from facemarks.predict import predict_image
+    from facemarks.serving.predict import predict_image
 
     model, path = exported["bce"]
     box = (175.0, 76.0, 91.0, 91.0)  # dlib's box on the astronaut photo (tests/test_cli.py)
@@ -263,7 +265,7 @@ def test_int8_export_is_a_smaller_quantised_graph_that_runs_and_carries_its_prov
     assert (int8.input_size, int8.num_keypoints, int8.loss) == (SIZE, 68, "mse")
     meta = int8.metadata
     assert meta["source_sha256"] == fp32.metadata["source_sha256"]  # the model.pt it comes from, as the fp32 twin
-    from facemarks.sources import file_sha256
+    from facemarks.data.sources import file_sha256
 
     assert meta["fp32_sha256"] == file_sha256(int8_layout["fp32"])
     assert (meta["quant_format"], meta["calibration_method"], meta["calibration_faces"],
@@ -340,7 +342,7 @@ def test_photo_accuracy_crops_whole_photos_as_predict_does(int8_layout):
     """On whole photos (image, box, reference points): the same numbers as cropping them by hand."""
     from skimage.data import astronaut
 
-    from facemarks.crops import face_crop
+    from facemarks.augmentation.crops import face_crop
 
     fp32, int8 = OnnxHeatmaps(int8_layout["fp32"]), OnnxHeatmaps(int8_layout["int8"])
     image, box = astronaut(), (175.0, 76.0, 91.0, 91.0)
@@ -359,7 +361,7 @@ def test_auto_backend_takes_int8_only_when_its_guard_passed_and_it_matches_the_m
     failure with tolerance -1, an unchecked one, or one exported from another model.pt falls back to fp32)."""
     import shutil
 
-    from facemarks.predict import ModelChoice, load_predictor
+    from facemarks.serving.predict import ModelChoice, load_predictor
 
     root = tmp_path / "layout"
     shutil.copytree(int8_layout["root"], root)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from facemarks.inference import make_codec, predict_heatmaps, unflip_heatmaps
-from facemarks.landmarks import MIRROR
+from facemarks.serving.inference import make_codec, predict_heatmaps, unflip_heatmaps
+from facemarks.core.landmarks import MIRROR
 
 
 def test_unflipped_targets_of_the_mirror_are_the_targets_of_the_crop():

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from facemarks import atomic, landmarks, store, tracking
+from facemarks.core import atomic, landmarks, store, tracking
 
 
 def test_atomic_path_leaves_old_file_on_error(tmp_path):
@@ -123,7 +123,7 @@ def test_tracking_run_has_tags_and_params(tmp_path, monkeypatch):
 
 
 def test_dlib_xml_round_trip(tmp_path):
-    from facemarks.io import Face, ImageRecord, read_dlib_xml, write_dlib_xml
+    from facemarks.core.io import Face, ImageRecord, read_dlib_xml, write_dlib_xml
 
     rng = np.random.default_rng(0)
     pts = rng.uniform(-20, 300, (68, 2)).round(3)
@@ -142,7 +142,7 @@ def test_dlib_xml_round_trip(tmp_path):
 
 
 def test_pts_round_trip_is_one_indexed_on_disk(tmp_path):
-    from facemarks.io import read_pts, write_pts
+    from facemarks.core.io import read_pts, write_pts
 
     pts = np.random.default_rng(1).uniform(0, 500, (68, 2)).round(3)
     write_pts(tmp_path / "a.pts", pts)

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from facemarks import groups, local, sources, synthetic
-from facemarks.augment import run_augment
-from facemarks.io import DataError, read_dlib_xml, write_image
-from facemarks.params import Augment, Data, Local, ParamsError, load_params
+from facemarks.data import groups, local, sources, synthetic
+from facemarks.augmentation.augment import run_augment
+from facemarks.core.io import DataError, read_dlib_xml, write_image
+from facemarks.core.params import Augment, Data, Local, ParamsError, load_params
 
 REAL_FACES = Path(__file__).resolve().parents[2] / "shared" / "real-faces"
 PERSON = r"^(.+)_\d+$"

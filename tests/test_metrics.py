@@ -1,13 +1,13 @@
-"""facemarks.metrics and the evaluation helpers of facemarks.evaluation: hand-computed NME / AUC / FR / CED cases,
+"""facemarks.evaluation.metrics and the evaluation helpers of facemarks.evaluation.testset: hand-computed NME / AUC / FR / CED cases,
 the crop → original mapping, the mean-shape baseline, decoding a split end to end."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from facemarks.crops import apply_transform, crop_transform, face_crop, invert_points
-from facemarks.landmarks import REGIONS
-from facemarks.metrics import (auc_fr, ced, ced_csv, crop_to_original, face_metrics, mean_shape,
+from facemarks.augmentation.crops import apply_transform, crop_transform, face_crop, invert_points
+from facemarks.core.landmarks import REGIONS
+from facemarks.evaluation.metrics import (auc_fr, ced, ced_csv, crop_to_original, face_metrics, mean_shape,
                                mean_shape_predictions, nme, normaliser, region_nme)
 
 
@@ -128,8 +128,8 @@ def test_mean_shape_baseline_is_exact_when_every_face_is_the_mean():
 
 
 def test_evaluate_decoders_on_perfect_heatmaps():
-    from facemarks.evaluation import evaluate_decoders
-    from facemarks.inference import make_codec
+    from facemarks.evaluation.testset import evaluate_decoders
+    from facemarks.serving.inference import make_codec
 
     rng = np.random.default_rng(3)
     size = 64
@@ -147,8 +147,8 @@ def test_evaluate_decoders_on_perfect_heatmaps():
 
 
 def test_raw_sources_from_meta_or_by_box():
-    from facemarks.evaluation import raw_sources
-    from facemarks.io import Face, ImageRecord
+    from facemarks.evaluation.testset import raw_sources
+    from facemarks.core.io import Face, ImageRecord
 
     boxes = np.array([[10.0, 10.0, 50.0, 50.0], [0.0, 5.0, 20.0, 20.0]])
     assert raw_sources({"files": ["a.png", "b.png"]}, boxes, []) == ["a.png", "b.png"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from facemarks import model as M
+from facemarks.training import model as M
 
 
 @pytest.fixture(autouse=True)
@@ -127,7 +127,7 @@ def test_pretrained_offline_warns_once_and_trains_from_scratch(monkeypatch, capl
         return _real_resnet18()
 
     monkeypatch.setattr(M, "resnet18", offline)
-    with caplog.at_level(logging.WARNING, logger="facemarks.model"):
+    with caplog.at_level(logging.WARNING, logger="facemarks.training.model"):
         net = M.build_model(68, head_width=16, pretrained=True)
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(lines) == 1 and "\n" not in lines[0]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from facemarks.params import Params, ParamsError, apply_preset, flatten, load_params, parse_params
+from facemarks.core.params import Params, ParamsError, apply_preset, flatten, load_params, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -180,8 +180,8 @@ def test_losses_list_is_validated_in_one_line():
 
 
 def test_loss_names_are_the_models_losses():
-    from facemarks.model import LOSSES
-    from facemarks.params import LOSS_NAMES
+    from facemarks.training.model import LOSSES
+    from facemarks.core.params import LOSS_NAMES
 
     assert LOSS_NAMES == LOSSES
 

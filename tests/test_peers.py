@@ -6,9 +6,9 @@ import sys
 import numpy as np
 import pytest
 
-from facemarks import peers
-from facemarks.params import Synthetic
-from facemarks.synthetic import generate_split
+from facemarks.evaluation import peers
+from facemarks.core.params import Synthetic
+from facemarks.data.synthetic import generate_split
 
 
 def test_unavailable_without_dlib(monkeypatch):

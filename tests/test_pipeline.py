@@ -326,7 +326,7 @@ def test_evaluate_photos_bad_folder_fails_before_any_work_naming_the_key(tiny_re
         assert {p: (repo / p).read_bytes() for p in before} == before  # the last good outputs are untouched
 
 
-@pytest.mark.skipif(not __import__("facemarks.peers", fromlist=["available"]).available(),
+@pytest.mark.skipif(not __import__("facemarks.evaluation.peers", fromlist=["available"]).available(),
                     reason="the peers extra (dlib) is not installed")
 def test_evaluate_photos_scores_a_folder_with_and_without_markup(tiny_repo, tmp_path):
     """A user's folder: one photo with 300-W markup beside it (scored against it), one without (scored against
@@ -337,8 +337,8 @@ def test_evaluate_photos_scores_a_folder_with_and_without_markup(tiny_repo, tmp_
     import mlflow
 
     from conftest import pipeline_env
-    from facemarks import real_photos
-    from facemarks.io import write_image, write_pts
+    from facemarks.evaluation import real_photos
+    from facemarks.core.io import write_image, write_pts
 
     repo = tmp_path / "photos"
     shutil.copytree(tiny_repo, repo, symlinks=True)

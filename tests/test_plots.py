@@ -1,12 +1,12 @@
-"""facemarks.plots: every figure is written as a PNG that reads back; the summary states the paired verdict."""
+"""facemarks.reporting.plots: every figure is written as a PNG that reads back; the summary states the paired verdict."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from facemarks import plots
-from facemarks.codec import HeatmapCodec
-from facemarks.landmarks import REGIONS
+from facemarks.reporting import plots
+from facemarks.heatmaps.codec import HeatmapCodec
+from facemarks.core.landmarks import REGIONS
 
 
 def read_png(path):
@@ -74,8 +74,8 @@ def test_heatmaps_regions_astronaut_figures(tmp_path, faces):
 
 
 def comparison(shift: float) -> dict:
-    """A real ``comparison`` block (facemarks.stats) for BCE = MSE + ``shift`` NME points plus noise."""
-    from facemarks.stats import loss_comparison
+    """A real ``comparison`` block (facemarks.evaluation.stats) for BCE = MSE + ``shift`` NME points plus noise."""
+    from facemarks.evaluation.stats import loss_comparison
 
     rng = np.random.default_rng(0)
     mse = rng.gamma(4.0, 0.0125, 300)
@@ -113,7 +113,7 @@ def test_summary_lists_the_real_portraits_per_loss():
 
 def test_summary_and_regions_follow_the_losses_list(tmp_path):
     """Three losses: a row and a keypoints figure per loss, one table per pair, the overall verdict on top."""
-    from facemarks.stats import loss_comparison
+    from facemarks.evaluation.stats import loss_comparison
 
     rng = np.random.default_rng(0)
     mse = rng.gamma(4.0, 0.0125, 300)

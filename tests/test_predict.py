@@ -1,4 +1,4 @@
-"""facemarks.predict: which model `facemarks predict` uses (eval.json winner bce / null / missing, --loss, --model), the
+"""facemarks.serving.predict: which model `facemarks predict` uses (eval.json winner bce / null / missing, --loss, --model), the
 CLI saying so in its JSON, and a light start (no MLflow, DVC, matplotlib or training loop on the predict path)."""
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from facemarks import cli
-from facemarks.model import build_model
-from facemarks.predict import DEFAULT_LOSS, choose_model
+from facemarks.training.model import build_model
+from facemarks.serving.predict import DEFAULT_LOSS, choose_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -91,14 +91,14 @@ def test_cli_predict_uses_and_reports_the_chosen_model(models_dir, monkeypatch, 
 
 def test_predict_path_imports_no_mlflow_dvc_matplotlib_or_train(models_dir, tmp_path):
     """A real `facemarks predict --astronaut --no-overlay` in a fresh interpreter, then a look at sys.modules (also no
-    torchvision and no torch._dynamo: about 1.5-2 s of start each, see facemarks.model.ResNet18 / load_model)."""
+    torchvision and no torch._dynamo: about 1.5-2 s of start each, see facemarks.training.model.ResNet18 / load_model)."""
     code = textwrap.dedent(f"""
         import json, sys
         from facemarks import cli
         rc = cli.main(["predict", "--astronaut", "--model", {str(models_dir / 'models/mse/model.pt')!r},
                        "--size", "{SIZE}", "--out", {str(tmp_path)!r}, "--no-overlay", "--params", "absent.yaml"])
         heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("mlflow", "dvc", "matplotlib")
-                       or m in ("facemarks.train", "torchvision", "torch._dynamo"))
+                       or m in ("facemarks.training.train", "torchvision", "torch._dynamo"))
         print(json.dumps({{"rc": rc, "heavy": heavy}}))
     """)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}

@@ -6,8 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from facemarks import io, peers, real_photos
-from facemarks.landmarks import inter_ocular
+from facemarks.core import io
+
+from facemarks.evaluation import peers, real_photos
+from facemarks.core.landmarks import inter_ocular
 
 
 def test_bundled_portraits_load_as_rgb():
@@ -44,7 +46,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "real-photos"
 
 def _write_portraits(folder: Path) -> dict[str, np.ndarray]:
     """The two bundled portraits written as JPEG files (read back below, as a user's photos would be)."""
-    from facemarks.io import read_image, write_image
+    from facemarks.core.io import read_image, write_image
 
     folder.mkdir(parents=True, exist_ok=True)
     out = {}
@@ -68,8 +70,8 @@ def test_a_missing_or_imageless_folder_fails_naming_the_key(tmp_path):
 
 @needs_dlib
 def test_unlabelled_folder_is_scored_against_dlib_and_counts_images_without_a_face(tmp_path):
-    from facemarks.detect import dlib_boxes, map_box
-    from facemarks.io import write_image
+    from facemarks.serving.detect import dlib_boxes, map_box
+    from facemarks.core.io import write_image
 
     images = _write_portraits(tmp_path)
     write_image(tmp_path / "wall.png", np.full((200, 300, 3), 128, np.uint8))  # no face
@@ -103,8 +105,8 @@ def test_unlabelled_folder_is_scored_against_dlib_and_counts_images_without_a_fa
 
 @needs_dlib
 def test_labelled_folder_is_scored_against_the_human_markup(tmp_path):
-    from facemarks.io import ImageRecord, Face, write_dlib_xml, write_pts
-    from facemarks.synthetic import face_box
+    from facemarks.core.io import ImageRecord, Face, write_dlib_xml, write_pts
+    from facemarks.data.synthetic import face_box
 
     images = _write_portraits(tmp_path)
     dlib = real_photos.dlib_references()
@@ -125,7 +127,7 @@ def test_labelled_folder_is_scored_against_the_human_markup(tmp_path):
     assert report["comparison"]["bce_vs_mse"]["mean_delta"] == pytest.approx(1.5)
     # a marked face that dlib cannot see keeps its markup box
     blank = np.full_like(images["astronaut.jpg"], 90)
-    from facemarks.io import write_image
+    from facemarks.core.io import write_image
 
     write_image(tmp_path / "blank.png", blank)
     write_pts(tmp_path / "blank.pts", marks["astronaut.jpg"])

@@ -102,7 +102,7 @@ def test_the_switches_change_what_numpy_and_blas_compute(runs):
 
 
 def test_png_bytes_round_trip_and_depend_on_the_pixels_only(tmp_path):
-    from facemarks.io import png_bytes, read_image, write_image
+    from facemarks.core.io import png_bytes, read_image, write_image
 
     rng = np.random.default_rng(3)
     for shape in ((1, 1), (7, 300, 3), (130, 200), (160, 150, 3)):  # 130x200 gray and 160x150 RGB span >1 block
@@ -121,7 +121,7 @@ def test_png_bytes_round_trip_and_depend_on_the_pixels_only(tmp_path):
 
 
 def test_portable_kernels_agree_with_numpy_to_a_few_ulp():
-    from facemarks import portable
+    from facemarks.data import portable
 
     rng = np.random.default_rng(0)
 
@@ -163,11 +163,13 @@ def _driver(out: Path) -> None:
 
     import yaml
 
-    from facemarks import codec, sources
-    from facemarks.augment import run_augment
-    from facemarks.model import STRIDE
-    from facemarks.params import apply_preset, load_params
-    from facemarks.store import read_split
+    from facemarks.data import sources
+
+    from facemarks.heatmaps import codec
+    from facemarks.augmentation.augment import run_augment
+    from facemarks.training.model import STRIDE
+    from facemarks.core.params import apply_preset, load_params
+    from facemarks.core.store import read_split
 
     with tempfile.TemporaryDirectory() as tmp:
         params_path = Path(tmp) / "params.yaml"

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from facemarks import local, sources, synthetic
-from facemarks.io import DataError, Face, ImageRecord, read_dlib_xml, write_dlib_xml, write_image, write_pts
-from facemarks.params import Data, Ibug300w, Local, Synthetic
+from facemarks.data import local, sources, synthetic
+from facemarks.core.io import DataError, Face, ImageRecord, read_dlib_xml, write_dlib_xml, write_image, write_pts
+from facemarks.core.params import Data, Ibug300w, Local, Synthetic
 
 RNG_SEED = 1234
 
@@ -477,7 +477,7 @@ def test_bad_local_data_is_skipped_and_counted(tmp_path, case, caplog):
     src, records = xml_folder(tmp_path)
     reason, named = corrupt(case, src, records)
     out = tmp_path / "raw"
-    with caplog.at_level(logging.WARNING, logger="facemarks.sources"):
+    with caplog.at_level(logging.WARNING, logger="facemarks.data.sources"):
         summary = sources.fetch(local_data(src, on_bad="skip"), 0, out)
     assert summary["skipped"] == {reason: 1} and summary["n_skipped"] == 1
     assert any(reason in r.message and named in r.message for r in caplog.records)

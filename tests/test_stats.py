@@ -1,10 +1,10 @@
-"""facemarks.stats: paired bootstrap interval, Wilcoxon p-value and verdict on known cases."""
+"""facemarks.evaluation.stats: paired bootstrap interval, Wilcoxon p-value and verdict on known cases."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from facemarks import stats
+from facemarks.evaluation import stats
 
 
 def errors(n: int = 300, seed: int = 0) -> np.ndarray:

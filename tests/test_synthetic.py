@@ -6,9 +6,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from facemarks.io import read_dlib_xml, read_image, write_dlib_xml
-from facemarks.params import Synthetic
-from facemarks.synthetic import _pose_geometry, contact_sheet, feature_energy, generate_split, render_face
+from facemarks.core.io import read_dlib_xml, read_image, write_dlib_xml
+from facemarks.core.params import Synthetic
+from facemarks.data.synthetic import _pose_geometry, contact_sheet, feature_energy, generate_split, render_face
 
 CFG = Synthetic(min_size=120, max_size=200, workers=1)
 

@@ -1,4 +1,4 @@
-"""The `photos` source: dlib's predictor labels a folder of real photos (facemarks.teacher), on real images.
+"""The `photos` source: dlib's predictor labels a folder of real photos (facemarks.data.teacher), on real images.
 
 The tiny folder: scikit-image's astronaut and matplotlib's Grace Hopper written as JPEG, scikit-image's coffee cup
 (no face), and — where ``../shared/real-photos`` is present — a few of its files (those tests skip otherwise).
@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import yaml
 
-from facemarks import sources, teacher
-from facemarks.io import DataError, read_dlib_xml, read_image, write_image
-from facemarks.params import ParamsError, parse_params
+from facemarks.data import sources, teacher
+from facemarks.core.io import DataError, read_dlib_xml, read_image, write_image
+from facemarks.core.params import ParamsError, parse_params
 
 pytest.importorskip("dlib")
-from facemarks.peers import Dlib68, available  # noqa: E402
+from facemarks.evaluation.peers import Dlib68, available  # noqa: E402
 
 if not available():
     pytest.skip("the peers extra (dlib's 68-point model) is not installed", allow_module_level=True)
@@ -32,7 +32,7 @@ SHARED = ROOT.parent / "shared" / "real-photos"
 def _photos(folder: Path) -> Path:
     from skimage import data
 
-    from facemarks.real_photos import load_portrait
+    from facemarks.evaluation.real_photos import load_portrait
 
     folder.mkdir(parents=True, exist_ok=True)
     write_image(folder / "astronaut.jpg", load_portrait("astronaut"))
@@ -54,7 +54,7 @@ def _data(folder: Path, cache: Path, **photos):
 
 def _seed_with_a_portrait_in_each_split(folder: Path, test_fraction: float) -> int:
     """The first base seed whose split by file puts a portrait (not the cup) in train and in test."""
-    from facemarks.io import list_images
+    from facemarks.core.io import list_images
 
     for seed in range(100):
         split = teacher.split_by_file(list_images(folder), test_fraction, seed)
@@ -77,7 +77,7 @@ def fetched(folder, tmp_path_factory):
 
 
 def test_every_face_is_labelled_by_dlib_in_its_own_box_and_written_in_the_training_convention(fetched, folder):
-    from facemarks.detect import dlib_boxes, map_box
+    from facemarks.serving.detect import dlib_boxes, map_box
 
     raw, summary, _, _ = fetched
     record = teacher.read_record(raw)
@@ -134,8 +134,8 @@ def test_a_rerun_reads_the_cache_and_never_calls_dlib(fetched):
 
 
 def test_faces_the_teacher_cannot_label_are_counted_and_skipped(tmp_path):
-    from facemarks.detect import dlib_boxes
-    from facemarks.real_photos import load_portrait
+    from facemarks.serving.detect import dlib_boxes
+    from facemarks.evaluation.real_photos import load_portrait
 
     image = load_portrait("astronaut")
     box = dlib_boxes(image, 1)[0][0]
@@ -151,7 +151,7 @@ def test_faces_the_teacher_cannot_label_are_counted_and_skipped(tmp_path):
 
 
 def _inside(points, image):
-    from facemarks.io import in_image
+    from facemarks.core.io import in_image
 
     return in_image(points, image.shape[1], image.shape[0])
 
@@ -209,7 +209,7 @@ def test_bad_folders_and_a_missing_peers_extra_fail_first_with_one_line(tmp_path
     # without dlib (the peers extra): an import of dlib fails in this subprocess
     folder = _photos(tmp_path / "photos")
     code = ("import sys; sys.modules['dlib'] = None\n"
-            "from pathlib import Path\nfrom facemarks import sources\nfrom facemarks.params import parse_params\n"
+            "from pathlib import Path\nfrom facemarks import sources\nfrom facemarks.core.params import parse_params\n"
             f"d = parse_params({{'data': {{'source': 'photos', 'photos': {{'path': {str(folder)!r}, "
             f"'cache_dir': {str(tmp_path / 'cache')!r}}}}}}}).data\n"
             f"sources.fetch(d, 0, Path({str(tmp_path / 'raw')!r}))\n")

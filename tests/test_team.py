@@ -35,8 +35,10 @@ def test_server_holds_the_runs_epochs_artifacts_and_the_champion(server, team_re
     import mlflow
     import torch
 
-    from facemarks import registry, tracking
-    from facemarks.model import load_model
+    from facemarks.core import tracking
+
+    from facemarks.serving import registry
+    from facemarks.training.model import load_model
 
     client = _client(server)
     exp = client.get_experiment_by_name("facemarks")
@@ -114,7 +116,7 @@ def test_remote_push_then_a_fresh_clone_pulls_without_rerunning(team_repo, serve
 
 
 def tracking_md5(path: Path) -> str:
-    from facemarks.tracking import file_md5
+    from facemarks.core.tracking import file_md5
 
     return file_md5(path)
 

@@ -1,9 +1,9 @@
-"""Timings side outputs (facemarks.timings): written apart from the DVC metrics, merged, split off a report."""
+"""Timings side outputs (facemarks.core.timings): written apart from the DVC metrics, merged, split off a report."""
 from __future__ import annotations
 
 import json
 
-from facemarks.timings import read_timings, split_timings, timings_path, write_timings
+from facemarks.core.timings import read_timings, split_timings, timings_path, write_timings
 
 
 def test_write_read_and_merge(tmp_path):

@@ -1,7 +1,7 @@
 """Training: loader, overfitting, resume equivalence, collapse detection, the stage with MLflow, DDP under torchrun.
 
 Every case builds its own tiny data in ``tmp_path``: blob images drawn at jittered copies of one 68-point
-template, written with :func:`facemarks.store.write_split`, targets from :class:`facemarks.codec.HeatmapCodec`.
+template, written with :func:`facemarks.core.store.write_split`, targets from :class:`facemarks.heatmaps.codec.HeatmapCodec`.
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ import torch
 import yaml
 from torch import nn
 
-from facemarks import train as T
-from facemarks.codec import HeatmapCodec
-from facemarks.store import write_split
+from facemarks.training import train as T
+from facemarks.heatmaps.codec import HeatmapCodec
+from facemarks.core.store import write_split
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,7 +120,7 @@ def test_lr_drops_at_the_phase_boundary():
 
 
 def test_progress_prints_plain_lines_with_loss_and_eta_off_a_terminal(caplog):
-    with caplog.at_level(logging.INFO, logger="facemarks.train"):
+    with caplog.at_level(logging.INFO, logger="facemarks.training.train"):
         progress = T._Progress(3, "mse epoch 1/2", enabled=True, every_s=0.0)
         for value in (0.5, 0.25, 0.125):
             progress.update(value)
@@ -220,7 +220,7 @@ def test_mean_shape_predictor_is_flagged_as_collapse(tmp_path):
 def test_fit_warns_and_flags_collapse(tmp_path, caplog):
     data = load(make_data(tmp_path))
     cfg = dataclasses.replace(TINY, epochs_phase1=1, epochs_phase2=0, lr=1e-9)  # learns nothing
-    with caplog.at_level(logging.WARNING, logger="facemarks.train"):
+    with caplog.at_level(logging.WARNING, logger="facemarks.training.train"):
         result = T.fit(cfg, data, "bce", tmp_path / "ckpt")
     assert result.summary["collapse"] is True
     assert any("MEAN-SHAPE COLLAPSE" in r.getMessage() for r in caplog.records)
@@ -230,7 +230,7 @@ def test_fit_warns_and_flags_collapse(tmp_path, caplog):
 # ------------------------------------------------------------------------------------------------ the stage
 def _stage_repo(tmp_path: Path, epochs: tuple[int, int] = (1, 1), batch: int = 4, n_train: int = 8) -> Path:
     """A working dir with data, params.yaml (tiny preset) and the stage script."""
-    from facemarks.params import apply_preset
+    from facemarks.core.params import apply_preset
 
     repo = make_data(tmp_path / "repo", n_train=n_train)
     shutil.copy(ROOT / "params.yaml", repo / "params.yaml")
@@ -238,7 +238,7 @@ def _stage_repo(tmp_path: Path, epochs: tuple[int, int] = (1, 1), batch: int = 4
     doc = yaml.safe_load((repo / "params.yaml").read_text())
     doc["train"].update(epochs_phase1=epochs[0], epochs_phase2=epochs[1], batch_size=batch, head_width=8, lr=5e-3)
     (repo / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
-    (repo / "dvc.yaml").write_text("stages: {}\n")  # marks the repo root for facemarks.tracking
+    (repo / "dvc.yaml").write_text("stages: {}\n")  # marks the repo root for facemarks.core.tracking
     return repo
 
 
@@ -339,7 +339,7 @@ def test_ddp_two_nodes_meet_at_a_c10d_rendezvous_and_only_rank0_writes(tmp_path)
 
 # ------------------------------------------------------------------------------------------------ seeds, weak peaks
 def test_training_seed_comes_from_train_seed_not_the_data_seed():
-    from facemarks.params import parse_params
+    from facemarks.core.params import parse_params
 
     p = parse_params({"base": {"seed": 5}, "train": {"seed": 11}})
     assert T.TrainConfig.from_params(p.train, p.base, p.encode).seed == 11

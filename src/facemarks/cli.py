@@ -17,15 +17,15 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from facemarks import aggregate
-from facemarks.atomic import atomic_path, atomic_write_json
-from facemarks.detect import DETECTORS, describe, resolve
-from facemarks.io import DataError, read_image
-from facemarks.params import LOSS_NAMES, Params, ParamsError, apply_preset, load_params
-from facemarks.predict import ModelChoice, best_decoder, choose_model, face_to_json, load_predictor, predict_image
-from facemarks.summary import refresh
-from facemarks.registry import load_registered_model
-from facemarks.tracking import tracking_uri
+from facemarks.evaluation import aggregate
+from facemarks.core.atomic import atomic_path, atomic_write_json
+from facemarks.serving.detect import DETECTORS, describe, resolve
+from facemarks.core.io import DataError, read_image
+from facemarks.core.params import LOSS_NAMES, Params, ParamsError, apply_preset, load_params
+from facemarks.serving.predict import ModelChoice, best_decoder, choose_model, face_to_json, load_predictor, predict_image
+from facemarks.reporting.summary import refresh
+from facemarks.serving.registry import load_registered_model
+from facemarks.core.tracking import tracking_uri
 
 COMPARE_METRICS = ("test_nme", "test_nme_ip", "test_auc", "test_fr", "test_roundtrip_px", "best_val_nme",
                    "final_val_loss", "test_ms_per_face_b1")
@@ -72,7 +72,7 @@ def _defaults(params_path: str) -> dict[str, Any]:
 def write_overlay(image: Any, faces: list[dict[str, Any]], title: str, path: Path) -> None:
     """The image with each face's box and 68 points (colour = confidence), written atomically as PNG to ``path``.
 
-    matplotlib is imported here, on the overlay path only (not through :mod:`facemarks.plots`, which loads it at
+    matplotlib is imported here, on the overlay path only (not through :mod:`facemarks.reporting.plots`, which loads it at
     import): ``facemarks predict --no-overlay`` runs without it."""
     import matplotlib
 
@@ -165,7 +165,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def compare_table(experiment: str, study: str | None = None) -> str:
     """The MSE vs BCE table of the latest train run per loss in ``experiment`` (MLflow store of
-    :func:`facemarks.tracking.tracking_uri`; only runs tagged ``study = <study>`` when given), as aligned text."""
+    :func:`facemarks.core.tracking.tracking_uri`; only runs tagged ``study = <study>`` when given), as aligned text."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
@@ -190,7 +190,7 @@ def compare_table(experiment: str, study: str | None = None) -> str:
 
 
 def seeds_table(experiment: str, study: str | None = None) -> str:
-    """The seed aggregate (:mod:`facemarks.aggregate`): per budget and loss, test NME mean ± sd over training seeds,
+    """The seed aggregate (:mod:`facemarks.evaluation.aggregate`): per budget and loss, test NME mean ± sd over training seeds,
     seeds won, and the paired BCE − MSE difference over seeds with its interval."""
     pairs, counts = aggregate.pair_runs(aggregate.search_train_runs(experiment, study))
     return aggregate.seeds_text(aggregate.summarise(pairs), counts)
@@ -229,7 +229,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 def cmd_summary(args: argparse.Namespace) -> int:
     """Write the results-at-a-glance table from metrics/eval.json into reports/summary.md and README.md
-    (:func:`facemarks.summary.refresh`); ``--check``: write nothing, 1 when either file is stale."""
+    (:func:`facemarks.reporting.summary.refresh`); ``--check``: write nothing, 1 when either file is stale."""
     stale = refresh(args.root, check=args.check, params=args.params)
     if args.check:
         for path in stale:

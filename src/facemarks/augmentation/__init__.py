@@ -1,0 +1,1 @@
+"""Face crops and their exact transforms, seeded geometric and photometric augmentation."""

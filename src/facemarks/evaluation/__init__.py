@@ -1,0 +1,1 @@
+"""Scoring: test-set metrics, real photos against dlib's points, detector reports, paired comparisons."""

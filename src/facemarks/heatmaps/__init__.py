@@ -1,0 +1,1 @@
+"""Keypoints <-> Gaussian heatmaps: the codec, its decoders and the encode stage's arrays."""

@@ -1,0 +1,1 @@
+"""Figures and the README's results table."""

@@ -1,0 +1,1 @@
+"""The heatmap network and its training loop."""
