@@ -2,7 +2,7 @@
 
 Every lever times ``train.train_step`` (forward, loss, backward, clip, Adam) on in-memory tensors at the default
 input size and batch; the levers alternate over ``--rounds`` rounds and the best round of each is kept, so a busy
-machine hurts all alike. The full loop (``train.train_one_epoch`` over ``train.make_loader`` on a memory-mapped split
+machine hurts all alike. The full loop (``train.train_one_epoch`` over ``data.make_loader`` on a memory-mapped split
 folder, as the stage runs it) is timed too: its ratio to the model alone is the data-loading overhead.
 
 The achieved GFLOP/s is FLOPs per trained image (``torch.utils.flop_counter`` over one forward + backward) x
@@ -31,9 +31,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from facemarks.core import cpuinfo
 from facemarks.training import train as T
+from facemarks.training.data import SplitArrays, load_data, make_loader
 from facemarks.core.atomic import atomic_write_json
 from facemarks.heatmaps.codec import HeatmapCodec
-from facemarks.training.model import build_model
+from facemarks.training.model import build_model, heatmap_loss
 from facemarks.core.store import write_split
 
 LEVERS = ("current", "fp32", "bf16", "channels_last", "bf16+channels_last", "nondeterministic", "threads1",
@@ -41,7 +42,7 @@ LEVERS = ("current", "fp32", "bf16", "channels_last", "bf16+channels_last", "non
 CPU = torch.device("cpu")
 
 
-def synthetic_split(root: Path, n: int, size: int, sigma: float, seed: int = 0) -> T.SplitArrays:
+def synthetic_split(root: Path, n: int, size: int, sigma: float, seed: int = 0) -> SplitArrays:
     """Random crops (N, S, S) and points (N, 68, 2) written as a split folder + float16 targets, memory-mapped back."""
     rng = np.random.default_rng(seed)
     points = rng.uniform(0.2 * size, 0.8 * size, (n, 68, 2)).astype(np.float32)
@@ -55,7 +56,7 @@ def synthetic_split(root: Path, n: int, size: int, sigma: float, seed: int = 0) 
     (root / "heatmaps").mkdir()
     for name in ("train", "val"):
         np.save(root / "heatmaps" / f"{name}.npy", heat.astype(np.float16))
-    return T.load_data(root / "augmented", root / "heatmaps").train
+    return load_data(root / "augmented", root / "heatmaps").train
 
 
 def _model(head_width: int, channels_last: bool = False):
@@ -92,7 +93,7 @@ def model_alone(lever: str, size: int, batch: int, batches: int, head_width: int
     torch.use_deterministic_algorithms(setup["deterministic"], warn_only=True)
     try:
         native = cpuinfo.has_native_bf16
-        if setup["force_amp"]:  # autocast on even where the CPU has no native bf16 (T.amp_active would refuse)
+        if setup["force_amp"]:  # autocast on even where the CPU has no native bf16 (precision.amp_active would refuse)
             cpuinfo.has_native_bf16 = lambda: True
 
         def step():
@@ -109,11 +110,11 @@ def model_alone(lever: str, size: int, batch: int, batches: int, head_width: int
         torch.use_deterministic_algorithms(False)
 
 
-def full_loop(split: T.SplitArrays, batch: int, head_width: int, loss: str, workers: int) -> float:
+def full_loop(split: SplitArrays, batch: int, head_width: int, loss: str, workers: int) -> float:
     """Images/s of one ``train_one_epoch`` over the memory-mapped split as ``fit`` runs it on this CPU (first batch
     excluded as warm-up)."""
     net, opt = _model(head_width)
-    loader = T.make_loader(split, batch, seed=0, workers=workers)
+    loader = make_loader(split, batch, seed=0, workers=workers)
     loader.sampler.sampler.set_epoch(0)
     stamps: list[float] = []
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -131,7 +132,7 @@ def flops_per_image(size: int, head_width: int, loss: str) -> float:
     images, targets, weights = _batch(size, 2)
     with FlopCounterMode(display=False) as counter:
         out = net(images)
-        T.heatmap_loss(out, targets, weights, loss).backward()
+        heatmap_loss(out, targets, weights, loss).backward()
     return counter.get_total_flops() / 2
 
 

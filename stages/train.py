@@ -13,6 +13,11 @@ from pathlib import Path
 import torch.distributed as dist
 
 from facemarks.training import train
+from facemarks.training.checkpoint import load_checkpoint
+from facemarks.training.data import load_data
+from facemarks.training.distributed import init_distributed
+from facemarks.training.mlflow_log import existing_run_id, log_mlflow, mlflow_epoch_logger
+from facemarks.training.outputs import timings, write_outputs
 from facemarks.core.device import resolve_device
 from facemarks.training.model import LOSSES
 from facemarks.core.params import load_params
@@ -32,26 +37,26 @@ def main() -> None:
         raise SystemExit(f"train@{loss}: {loss} is not in train.losses = {list(params.train.losses)}")
     cfg = train.TrainConfig.from_params(params.train, params.base, params.encode)
     device = resolve_device(params.train.device)
-    rank, world = train.init_distributed(device)
-    data = train.load_data("data/augmented", "data/heatmaps")
+    rank, world = init_distributed(device)
+    data = load_data("data/augmented", "data/heatmaps")
     checkpoint_dir = Path("checkpoints") / loss
 
     if rank != 0:
         train.fit(cfg, data, loss, checkpoint_dir, device)
     else:
-        previous = train.load_checkpoint(checkpoint_dir, train.fingerprint(cfg, data, loss))
+        previous = load_checkpoint(checkpoint_dir, train.fingerprint(cfg, data, loss))
         run_params = {"loss": loss, "base": dataclasses.asdict(params.base), "train": train_params(params.train),
                       "encode": {"sigma": cfg.sigma, "decoder": cfg.decoder}, "world_size": world,
                       "device": str(device), "input_size": data.input_size}
-        run_id = train.existing_run_id(previous["run_id"]) if previous else None
+        run_id = existing_run_id(previous["run_id"]) if previous else None
         with start_run(f"train@{loss}", run_name=loss, params=run_params, tags={"loss": loss, "seed": str(cfg.seed)},
                        run_id=run_id) as active:
             result = train.fit(cfg, data, loss, checkpoint_dir, device,
-                               on_epoch=train.mlflow_epoch_logger(), run_id=active.info.run_id)
-            train.log_mlflow(result)
-        train.write_outputs(result, Path("models") / loss / "model.pt", Path("metrics") / f"train_{loss}.json",
-                            Path("metrics") / f"train_{loss}_epochs.csv")
-        write_timings(f"train_{loss}", train.timings(result), merge=False)
+                               on_epoch=mlflow_epoch_logger(), run_id=active.info.run_id)
+            log_mlflow(result)
+        write_outputs(result, Path("models") / loss / "model.pt", Path("metrics") / f"train_{loss}.json",
+                      Path("metrics") / f"train_{loss}_epochs.csv")
+        write_timings(f"train_{loss}", timings(result), merge=False)
         s = result.summary
         print(f"train@{loss}: val NME {s['final_val_nme']:.3f}% (best {s['best_val_nme']:.3f}% at epoch "
               f"{s['best_epoch']}, mean shape {s['mean_shape_nme']:.3f}%), {s['images_per_s']:.1f} img/s, "

@@ -49,6 +49,7 @@ from facemarks.data import groups, sources
 from facemarks.evaluation import stats
 
 from facemarks.training import train
+from facemarks.training.data import load_data
 from facemarks.augmentation.augment import run_augment
 from facemarks.heatmaps.codec import HeatmapCodec, write_heatmaps
 from facemarks.core.io import ImageRecord, read_dlib_xml, write_dlib_xml
@@ -175,7 +176,7 @@ def fit(work: Path, prep: Path, s: Setting, init: dict | None = None) -> train.F
     params = load_params()
     cfg = train.TrainConfig.from_params(params.train, params.base, params.encode)
     cfg = dataclasses.replace(cfg, seed=s.seed, epochs_phase1=s.epochs[0], epochs_phase2=s.epochs[1])
-    data = train.load_data(prep / "augmented", prep / "heatmaps")
+    data = load_data(prep / "augmented", prep / "heatmaps")
     ckpt = work / "checkpoints" / s.name
     return train.fit(cfg, data, s.loss, ckpt, "cpu", init=init)
 

@@ -8,7 +8,8 @@ import pytest
 
 from facemarks.core.io import read_dlib_xml, read_image, write_dlib_xml
 from facemarks.core.params import Synthetic
-from facemarks.data.synthetic import _pose_geometry, contact_sheet, feature_energy, generate_split, render_face
+from facemarks.data.face_geometry import pose_geometry
+from facemarks.data.synthetic import contact_sheet, feature_energy, generate_split, render_face
 
 CFG = Synthetic(min_size=120, max_size=200, workers=1)
 
@@ -43,7 +44,7 @@ def test_pose_ranges_and_yaw_moves_nose_toward_its_side():
     cfg = dataclasses.replace(CFG, max_yaw=30.0, max_pitch=10.0, max_roll=5.0)
     rng = np.random.default_rng(0)
     for _ in range(40):
-        g = _pose_geometry(rng, cfg)
+        g = pose_geometry(rng, cfg)
         assert abs(g["yaw"]) <= 30 and abs(g["pitch"]) <= 10 and abs(g["roll"]) <= 5
         p = g["points"]
         # nose tip relative to the jaw's horizontal middle, in units of face width
@@ -53,7 +54,7 @@ def test_pose_ranges_and_yaw_moves_nose_toward_its_side():
         # the far side compresses: the eye on the far side is narrower
         if g["yaw"] > 15:
             assert np.linalg.norm(p[45] - p[42]) < np.linalg.norm(p[39] - p[36])
-    frontal = _pose_geometry(np.random.default_rng(1), dataclasses.replace(cfg, max_yaw=0.0, max_pitch=0.0, max_roll=0.0))
+    frontal = pose_geometry(np.random.default_rng(1), dataclasses.replace(cfg, max_yaw=0.0, max_pitch=0.0, max_roll=0.0))
     assert frontal["yaw"] == frontal["pitch"] == frontal["roll"] == 0.0
 
 

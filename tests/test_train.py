@@ -23,6 +23,11 @@ import yaml
 from torch import nn
 
 from facemarks.training import train as T
+from facemarks.training import validation as V
+from facemarks.training.checkpoint import load_checkpoint
+from facemarks.training.data import BatchDataset, SplitArrays, TrainData, load_data, make_loader
+from facemarks.training.model import build_model, load_model
+from facemarks.training.outputs import VOLATILE_KEYS, write_outputs
 from facemarks.heatmaps.codec import HeatmapCodec
 from facemarks.core.store import write_split
 
@@ -72,8 +77,8 @@ def make_data(root: Path, size: int = 32, n_train: int = 8, n_val: int = 4, sigm
     return root
 
 
-def load(root: Path) -> T.TrainData:
-    return T.load_data(root / "data/augmented", root / "data/heatmaps")
+def load(root: Path) -> TrainData:
+    return load_data(root / "data/augmented", root / "data/heatmaps")
 
 
 TINY = T.TrainConfig(epochs_phase1=2, epochs_phase2=1, lr=5e-3, lr_drop=0.1, batch_size=4, head_width=8,
@@ -83,7 +88,7 @@ TINY = T.TrainConfig(epochs_phase1=2, epochs_phase2=1, lr=5e-3, lr_drop=0.1, bat
 # ------------------------------------------------------------------------------------------------ loader
 def test_loader_yields_whole_shuffled_batches_with_visibility_weights(tmp_path):
     data = load(make_data(tmp_path, n_train=10))
-    loader = T.make_loader(data.train, batch_size=4, seed=0)
+    loader = make_loader(data.train, batch_size=4, seed=0)
     loader.sampler.sampler.set_epoch(0)
     batches = list(loader)
     assert len(batches) == 2  # 10 samples, batch 4, drop_last
@@ -94,14 +99,14 @@ def test_loader_yields_whole_shuffled_batches_with_visibility_weights(tmp_path):
     loader.sampler.sampler.set_epoch(1)
     again = list(loader)
     assert not torch.equal(batches[0][0], again[0][0]), "epoch 1 draws another order"
-    w = T.BatchDataset(data.train).weights
+    w = BatchDataset(data.train).weights
     assert np.array_equal(w[:, 1:], np.ones_like(w[:, 1:])) and np.array_equal(w[:, 0], data.train.visible[:, 0])
 
 
 def test_split_shapes_are_checked(tmp_path):
     data = load(make_data(tmp_path))
     with pytest.raises(AssertionError, match="heatmaps"):
-        T.SplitArrays(data.train.images, data.train.heatmaps[:, :, :4], data.train.points, data.train.visible)
+        SplitArrays(data.train.images, data.train.heatmaps[:, :, :4], data.train.points, data.train.visible)
 
 
 def test_fingerprint_follows_config_loss_and_data_but_not_workers(tmp_path):
@@ -110,8 +115,8 @@ def test_fingerprint_follows_config_loss_and_data_but_not_workers(tmp_path):
     assert T.fingerprint(dataclasses.replace(TINY, workers=2), data, "mse") == fp
     assert T.fingerprint(dataclasses.replace(TINY, lr=1e-3), data, "mse") != fp
     assert T.fingerprint(TINY, data, "bce") != fp
-    other = T.TrainData(data.train, T.SplitArrays(data.val.images[::-1], data.val.heatmaps, data.val.points,
-                                                  data.val.visible))
+    other = TrainData(data.train, SplitArrays(data.val.images[::-1], data.val.heatmaps, data.val.points,
+                                              data.val.visible))
     assert T.fingerprint(TINY, other, "mse") != fp
 
 
@@ -136,21 +141,21 @@ def test_progress_prints_plain_lines_with_loss_and_eta_off_a_terminal(caplog):
 def test_tiny_model_overfits_eight_samples(tmp_path):
     """40 steps on 8 faces at 64 px: the loss falls > 5x and the decoded points beat the mean shape by far."""
     data = load(make_data(tmp_path, size=64, n_train=8, n_val=4))
-    same = T.TrainData(data.train, data.train)
+    same = TrainData(data.train, data.train)
     codec = HeatmapCodec(64, 16, 1.0)
     cpu = torch.device("cpu")
     torch.manual_seed(0)
-    net = T.build_model(68, head_width=32, dropout=0.0)
+    net = build_model(68, head_width=32, dropout=0.0)
     optimizer = torch.optim.Adam(net.parameters(), lr=5e-3)
-    loader = T.make_loader(data.train, batch_size=8, seed=0)
-    _, nme_before = T.evaluate(net, data.train, "mse", codec, "subpixel", cpu, 8)
+    loader = make_loader(data.train, batch_size=8, seed=0)
+    _, nme_before = V.evaluate(net, data.train, "mse", codec, "subpixel", cpu, 8)
     losses = []
     for epoch in range(40):
         loader.sampler.sampler.set_epoch(epoch)
         total, count, _ = T.train_one_epoch(net, loader, optimizer, "mse", cpu, grad_clip=5.0)
         losses.append(total / count)
-    _, nme_after = T.evaluate(net, data.train, "mse", codec, "subpixel", cpu, 8)
-    mean_shape = T.mean_shape_nme(same)
+    _, nme_after = V.evaluate(net, data.train, "mse", codec, "subpixel", cpu, 8)
+    mean_shape = V.mean_shape_nme(same)
     assert losses[-1] < losses[0] / 5, losses
     assert nme_after < 0.6 * mean_shape and nme_after < nme_before / 5, (nme_before, nme_after, mean_shape)
 
@@ -176,9 +181,10 @@ def test_killed_run_resumes_to_the_same_weights_and_metrics(tmp_path):
     full = T.fit(TINY, data, "mse", tmp_path / "ckpt_full")
     with pytest.raises(KeyboardInterrupt):
         T.fit(TINY, data, "mse", tmp_path / "ckpt_killed", on_epoch=_stop_after(2), run_id="abc")
-    ckpt = T.load_checkpoint(tmp_path / "ckpt_killed", T.fingerprint(TINY, data, "mse"))
+    ckpt = load_checkpoint(tmp_path / "ckpt_killed", T.fingerprint(TINY, data, "mse"))
     assert ckpt["epoch"] == 2 and len(ckpt["history"]) == 2 and ckpt["run_id"] == "abc"
-    assert {"model", "optimizer", "scheduler", "config", "fingerprint"} <= set(ckpt)
+    assert set(ckpt) == {"model", "optimizer", "scheduler", "epoch", "config", "loss", "fingerprint", "history",
+                         "run_id"}  # the format of facemarks.training.checkpoint
     resumed = T.fit(TINY, data, "mse", tmp_path / "ckpt_killed")
     assert _stable(resumed.history) == _stable(full.history)
     assert [r["lr"] for r in full.history] == pytest.approx([5e-3, 5e-3, 5e-4])
@@ -210,11 +216,11 @@ def test_mean_shape_predictor_is_flagged_as_collapse(tmp_path):
     codec = HeatmapCodec(32, 8, 1.0)
     mean_shape = np.asarray(data.train.points).mean(0, keepdims=True)
     maps, _ = codec.encode(torch.from_numpy(mean_shape), torch.ones(1, 68, dtype=torch.bool))
-    _, nme = T.evaluate(_MeanShapeNet(maps.float()), data.val, "mse", codec, "subpixel", torch.device("cpu"))
-    msn = T.mean_shape_nme(data)
+    _, nme = V.evaluate(_MeanShapeNet(maps.float()), data.val, "mse", codec, "subpixel", torch.device("cpu"))
+    msn = V.mean_shape_nme(data)
     assert nme == pytest.approx(msn, rel=0.1)
-    assert T.is_collapse(nme, msn)
-    assert not T.is_collapse(0.5 * msn, msn)
+    assert V.is_collapse(nme, msn)
+    assert not V.is_collapse(0.5 * msn, msn)
 
 
 def test_fit_warns_and_flags_collapse(tmp_path, caplog):
@@ -224,7 +230,7 @@ def test_fit_warns_and_flags_collapse(tmp_path, caplog):
         result = T.fit(cfg, data, "bce", tmp_path / "ckpt")
     assert result.summary["collapse"] is True
     assert any("MEAN-SHAPE COLLAPSE" in r.getMessage() for r in caplog.records)
-    assert result.summary["mean_shape_nme"] == pytest.approx(T.mean_shape_nme(data))
+    assert result.summary["mean_shape_nme"] == pytest.approx(V.mean_shape_nme(data))
 
 
 # ------------------------------------------------------------------------------------------------ the stage
@@ -256,13 +262,13 @@ def test_stage_writes_outputs_and_one_mlflow_run_per_loss(tmp_path, monkeypatch)
     summary = json.loads((repo / "metrics/train_bce.json").read_text())
     for key in ("final_val_nme", "best_val_nme", "mean_shape_nme", "collapse"):
         assert key in summary
-    assert not set(T.VOLATILE_KEYS) & set(summary)  # timings and run id: timings/train_bce.json and MLflow
+    assert not set(VOLATILE_KEYS) & set(summary)  # timings and run id: timings/train_bce.json and MLflow
     timing = json.loads((repo / "timings/train_bce.json").read_text())
     assert timing["seconds"] > 0 and [r["epoch"] for r in timing["epochs"]] == [1, 2]
     with open(repo / "metrics/train_bce_epochs.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == list(T.EPOCH_COLUMNS) and [r["epoch"] for r in rows] == ["1", "2"]
-    model = T.load_model(repo / "models/bce/model.pt")
+    model = load_model(repo / "models/bce/model.pt")
     assert not model.training and model(torch.rand(1, 1, 32, 32)).shape == (1, 68, 8, 8)
     assert (repo / "checkpoints/bce/last.pt").is_file()
 
@@ -351,14 +357,14 @@ def test_weak_peaks_on_synthetic_maps():
     target, _ = codec.encode(points, torch.ones(3, 68, dtype=torch.bool))
     weights = torch.ones(3, 68)
     weights[0, :10] = 0  # not counted
-    assert T.weak_peaks(torch.zeros_like(target), target, weights) == (194, 194)  # predicts zeros: share 1.0
-    assert T.weak_peaks(target, target, weights) == (0, 194)  # the exact target: share 0.0
+    assert V.weak_peaks(torch.zeros_like(target), target, weights) == (194, 194)  # predicts zeros: share 1.0
+    assert V.weak_peaks(target, target, weights) == (0, 194)  # the exact target: share 0.0
     half = target.clone()
     half[1] *= 0.45  # face 1: peaks below half the target's
     half[2] *= 0.55  # face 2: above
-    assert T.weak_peaks(half, target, weights) == (68, 194)
+    assert V.weak_peaks(half, target, weights) == (68, 194)
     wrong_place = torch.roll(target, shifts=3, dims=-1)  # a strong peak in the wrong place is not weak
-    assert T.weak_peaks(wrong_place, target, weights)[0] < 194
+    assert V.weak_peaks(wrong_place, target, weights)[0] < 194
 
 
 def test_fit_records_weak_peak_share_and_collapse_per_epoch(tmp_path):
@@ -368,7 +374,7 @@ def test_fit_records_weak_peak_share_and_collapse_per_epoch(tmp_path):
     assert 0.0 <= row["val_weak_peak_share"] <= 1.0 and row["val_collapse"] == 1.0
     # an untrained BCE net starts at the target prior (sigmoid ~ mean target): every peak is weak
     assert row["val_weak_peak_share"] == 1.0 == result.summary["final_weak_peak_share"]
-    T.write_outputs(result, tmp_path / "m.pt", tmp_path / "s.json", tmp_path / "e.csv")
+    write_outputs(result, tmp_path / "m.pt", tmp_path / "s.json", tmp_path / "e.csv")
     with open(tmp_path / "e.csv") as f:
         rows = list(csv.DictReader(f))
     assert float(rows[-1]["val_weak_peak_share"]) == 1.0 and float(rows[-1]["val_collapse"]) == 1.0

@@ -1,5 +1,11 @@
 """Heatmap codec: keypoints <-> Gaussian heatmaps, seven decoders and the round-trip metric.
 
+Why one module of ~620 lines: it is one codec. Each of the seven decoders inverts this encoder in the one
+coordinate convention below and shares its numpy/torch plumbing (``_as_tensor``, ``_back``, ``_work_dtype``,
+``_prep``, ``_finish``); split apart, the decoders would import the encoder's private helpers back. The
+round-trip metric (the last ~115 lines) is the codec's own measure of that pair (the encode stage's
+``metrics/roundtrip.json``).
+
 Shapes: ``N`` samples, ``K`` keypoints (68), heatmaps ``(N, K, h, w)`` (rows ``h``, columns ``w``),
 points ``(N, K, 2)`` as ``(x, y)``, visibility / weights / confidence ``(N, K)``, square input of side ``S``.
 

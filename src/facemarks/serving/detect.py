@@ -1,6 +1,12 @@
 """Face detection behind one small interface: dlib's HOG and CNN detectors in a cascade, scikit-image's LBP cascade
 as the fallback without dlib.
 
+Why one module of ~670 lines: it is the one door to face detection (``detect.*``: predict, the teacher, the
+evaluation), and its parts are tuned as one: the detector runners, the mapping of their boxes onto the training
+convention fitted per detector component (:data:`BOX_MAPPING`), and the cascade's stages, same-face rule, merge
+and order, whose thresholds are in mapped px. About 80 of the lines are this docstring and the fit record of
+:data:`BOX_MAPPING`.
+
     detect(image, detector="auto") -> [Detection(box, score, detector, raw_box, component, rotation, merged), ...]
 
 ``detector`` (a *setting*; :data:`DETECTORS`):
