@@ -62,13 +62,13 @@ def main() -> None:
 
 
 def astronaut(report: dict, pred: dict):
-    """The astronaut overlay; a notice figure when the cascade found no face."""
+    """The astronaut overlay; a notice figure when the real-photo protocol has no reference for her face (no dlib)."""
     from skimage.data import astronaut as photo
 
     info = report.get("astronaut", {})
     if not info.get("found"):
         fig = plots.plt.figure(figsize=(4, 1))
-        fig.text(0.5, 0.5, "no face found on the astronaut photo", ha="center")
+        fig.text(0.5, 0.5, "no reference for the astronaut photo (dlib not installed)", ha="center")
         return fig
     dlib = pred.get("astro_dlib")
     return plots.astronaut_figure(photo(), pred["astro_box"], pred["astro_ours"], dlib, info["loss"],

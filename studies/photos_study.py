@@ -143,7 +143,7 @@ def measure(work: Path, val: list[Path]) -> dict:
     """The MSE model of ``work`` on the validation photos, the bundled portraits and the synthetic test split."""
     from facemarks.augmentation.crops import invert_points
     from facemarks.serving.detect import map_box
-    from facemarks.evaluation.testset import real_photo_rows
+    from facemarks.evaluation.real_photos import portrait_scores
     from facemarks.serving.inference import predict_crops
     from facemarks.core.io import read_image
     from facemarks.evaluation.metrics import nme, normaliser
@@ -175,8 +175,7 @@ def measure(work: Path, val: list[Path]) -> dict:
     pred = invert_points(points, np.asarray(test.transform))
     gt = np.asarray(test.orig_points)
     syn = 100 * nme(pred, gt, normaliser(gt, "io"))
-    portraits = real_photo_rows({"mse": model}, {"mse": {"best_decoder": DECODER}}, size=size, margin=margin,
-                                sigma=sigma)["mse"]
+    portraits = portrait_scores(model, "mse", size=size, margin=margin, sigma=sigma, decoder=DECODER)
     return {"val_n_photos": len(set(files)), "val_n_faces": len(errs),
             "val_nme_median": float(np.median(errs)), "val_nme_mean": float(np.mean(errs)),
             "val_mapped_nme_median": float(np.median(errs_mapped)), "val_mapped_nme_mean": float(np.mean(errs_mapped)),

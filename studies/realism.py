@@ -72,9 +72,9 @@ def run_stages(work: Path, code: Path = ROOT, data_only: bool = False) -> dict[s
 
 def measure(work: Path) -> dict:
     """The MSE model of ``work`` on its synthetic test split and on the bundled real portraits (DARK decoder), with the
-    library's own scoring: :func:`facemarks.serving.inference.predict_crops` and :func:`facemarks.evaluation.testset.real_photo_rows`."""
+    library's own scoring: :func:`facemarks.serving.inference.predict_crops` and :func:`facemarks.evaluation.real_photos.portrait_scores`."""
     from facemarks.augmentation.crops import invert_points
-    from facemarks.evaluation.testset import real_photo_rows
+    from facemarks.evaluation.real_photos import portrait_scores
     from facemarks.serving.inference import predict_crops
     from facemarks.evaluation.metrics import nme, normaliser
     from facemarks.training.model import load_model
@@ -88,7 +88,7 @@ def measure(work: Path) -> dict:
     pred = invert_points(points, np.asarray(test.transform))
     gt = np.asarray(test.orig_points)
     syn = 100 * nme(pred, gt, normaliser(gt, "io"))
-    real = real_photo_rows({"mse": model}, {"mse": {"best_decoder": "dark"}}, size=size, margin=margin, sigma=sigma)["mse"]
+    real = portrait_scores(model, "mse", size=size, margin=margin, sigma=sigma, decoder="dark")
     realism = json.loads((work / "metrics/realism.json").read_text())
     train = json.loads((work / "metrics/train_mse.json").read_text())
     return {"synthetic_test_nme": float(np.mean(syn)), "synthetic_test_nme_median": float(np.median(syn)),

@@ -185,20 +185,25 @@ def test_preset_and_ui(tmp_path, monkeypatch, store, capsys):
     assert f"mlflow ui --backend-store-uri {store} --host 127.0.0.1" in capsys.readouterr().out
 
 
-def test_astronaut_summary_without_and_with_dlib(model_file):
-    from facemarks.evaluation import peers
+def test_astronaut_summary_comes_from_the_real_photo_protocol(model_file):
+    """The astronaut figure's box, reference and NME are her face's row of the real-photo protocol: one number."""
+    from facemarks.evaluation import peers, real_photos
     from facemarks.evaluation.testset import astronaut
     from facemarks.training.model import load_model
 
-    model = load_model(model_file)
-    kw = dict(size=SIZE, margin=0.25, sigma=1.5, decoder="subpixel")
-    summary, arrays = astronaut(model, "bce", use_dlib=False, **kw)
-    assert summary["found"] and "nme_vs_dlib" not in summary
-    assert arrays["astro_ours"].shape == (68, 2) and np.isnan(arrays["astro_dlib"]).all()
     if not peers.available():
-        pytest.skip(f"dlib row needs the peers extra: {peers.unavailable_reason()}")
-    summary, arrays = astronaut(model, "bce", use_dlib=True, **kw)
+        pytest.skip(f"the astronaut's reference needs the peers extra: {peers.unavailable_reason()}")
+    model = load_model(model_file)
+    portraits = real_photos.photo_set(None)
+    points = real_photos.predict_faces(model, "bce", portraits, size=SIZE, margin=0.25, sigma=1.5, decoder="subpixel")
+    summary, arrays = astronaut(portraits, points, "bce")
+    face = portraits.faces[portraits.index("astronaut.png")]
+    assert summary["found"] and summary["box"] == list(face.box) and summary["loss"] == "bce"
+    assert summary["nme_vs_dlib"] == pytest.approx(real_photos.face_nme(points, portraits.faces)[0])
+    np.testing.assert_array_equal(arrays["astro_dlib"], face.points)
+    assert arrays["astro_ours"].shape == (68, 2)
     left, top, w, h = summary["box"]
     theirs = arrays["astro_dlib"]
     assert ((theirs >= (left - 0.15 * w, top - 0.15 * h)) & (theirs <= (left + 1.15 * w, top + 1.15 * h))).all()
-    assert 0 < summary["nme_vs_dlib"] < 1000 and np.isfinite(summary["nme_vs_dlib"])
+    empty = real_photos.PhotoSet("", [], {}, 0, [])
+    assert astronaut(empty, np.zeros((0, 68, 2)), "bce") == ({"found": False}, {})

@@ -239,6 +239,9 @@ def test_match_detections_and_detection_row():
     assert match.tolist() == [1, 0] and fp == 2  # [0, 0, 90, 90] lost to a better box: a duplicate counts as FP
     assert np.isclose(iou[0], 95 * 100 / (2 * 100 * 100 - 95 * 100)) and np.isclose(iou[1], 45 * 50 / (2 * 2500 - 2250))
     assert match_detections(true, np.zeros((0, 4)))[2] == 0
+    # the one same-face rule (detect.same_face): a box well inside a true box of at most twice its side is that face
+    inner = np.array([[10.0, 10.0, 60.0, 60.0]])
+    assert box_iou(true[0], inner[0]) < D.MERGE_IOU and match_detections(true[:1], inner)[0].tolist() == [0]
 
     det = D.Detection
     found = [[det((5.0, 0.0, 100.0, 100.0), 1.0, "dlib", (0.0, 40.0, 100.0, 100.0))], []]

@@ -8,7 +8,8 @@ import pytest
 
 from facemarks.evaluation import peers
 from facemarks.core.params import Synthetic
-from facemarks.data.synthetic import generate_split
+from facemarks.data.synthetic import face_box, generate_split
+from facemarks.serving.detect import dlib_boxes
 
 
 def test_unavailable_without_dlib(monkeypatch):
@@ -17,13 +18,6 @@ def test_unavailable_without_dlib(monkeypatch):
     assert "dlib" in peers.unavailable_reason()
     with pytest.raises(RuntimeError, match="unavailable"):
         peers.Dlib68()
-
-
-def test_detection_hit_rule():
-    assert peers.detection_hit((10, 10, 100, 100), [(15, 20, 90, 90)])
-    assert peers.detection_hit((10, 10, 100, 100), [(40, 40, 100, 100)])  # IoU 0.32, centre inside
-    assert not peers.detection_hit((10, 10, 100, 100), [(200, 200, 50, 50)])
-    assert not peers.detection_hit((10, 10, 100, 100), [])
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +32,7 @@ def test_dlib_on_astronaut(dlib68):
     from skimage import data
 
     img = data.astronaut()
-    dets = dlib68.detect(img, 1)
+    dets = [box for box, _, _ in dlib_boxes(img, 1)]
     assert dets, "dlib found no face on the astronaut photo"
     left, top, w, h = max(dets, key=lambda d: d[2] * d[3])
     assert 150 < left + w / 2 < 300 and 50 < top + h / 2 < 200  # her face, upper middle of the 512² photo
@@ -50,6 +44,10 @@ def test_dlib_on_astronaut(dlib68):
     assert pts[36, 0] < pts[45, 0] and pts[27, 1] < pts[33, 1] < pts[57, 1]  # eyes, nose, mouth in order
     gray = dlib68.predict(img.mean(axis=2).astype(np.uint8), (left, top, w, h))
     assert np.abs(gray - pts).mean() < 3.0
+    # the realism hit rule is the project's same-face rule on mapped boxes: her face, not a box beside it
+    assert peers.detected(img, face_box(pts))
+    assert not peers.detected(img, (400.0, 400.0, 80.0, 80.0))
+    assert peers.dlib68() is peers.dlib68()  # the shape model is read once per process
 
 
 def test_realism_on_a_few_synthetic_faces(dlib68, tmp_path):

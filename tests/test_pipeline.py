@@ -344,10 +344,11 @@ def test_evaluate_photos_scores_a_folder_with_and_without_markup(tiny_repo, tmp_
     shutil.copytree(tiny_repo, repo, symlinks=True)
     folder = tmp_path / "my photos"
     folder.mkdir()
-    refs = {r.name: r for r in real_photos.dlib_references()}
+    portraits = real_photos.photo_set(None)
     for name in real_photos.PORTRAITS:
         write_image(folder / f"{name}.jpg", real_photos.load_portrait(name))
-    write_pts(folder / "grace_hopper.pts", refs["grace_hopper"].points + 1.5)  # "human" markup
+    hopper = portraits.faces[portraits.index("grace_hopper.png")]
+    write_pts(folder / "grace_hopper.pts", hopper.points + 1.5)  # "human" markup
     proc = _evaluate(repo, photos=str(folder), photos_glob="*.jpg")
     assert proc.returncode == 0, proc.stderr[-3000:]
     block = json.loads((repo / "metrics/eval.json").read_text())["photos"]

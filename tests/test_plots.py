@@ -102,13 +102,15 @@ def test_summary_states_the_paired_verdict_in_plain_words():
     assert "dlib68 row absent" in plots.summary_markdown(no_dlib)
 
 
-def test_summary_lists_the_real_portraits_per_loss():
-    real = {"mse": {"astronaut": 7.1, "grace_hopper": 9.3, "mean": 8.2}, "bce": {"astronaut": 8.0, "grace_hopper": 9.0,
-                                                                              "mean": 8.5}}
-    text = plots.summary_markdown({**REPORT, "real_photos": real})
-    assert "| model | astronaut | grace_hopper | mean |" in text
-    assert "| mse | 7.10 | 9.30 | 8.20 |" in text and "| bce | 8.00 | 9.00 | 8.50 |" in text
-    assert "grace_hopper" not in plots.summary_markdown(REPORT)
+def test_summary_lists_the_real_photos_per_loss():
+    photos = {"folder": "bundled portraits (astronaut, grace_hopper)", "n_faces": 2, "n_images": 2,
+              "references": {"dlib": 2}, "false_faces_dropped": 1,
+              "mse": {"median": 7.1, "mean": 8.2, "share_above_10": 0.0},
+              "bce": {"median": 8.0, "mean": 8.5, "share_above_10": 0.5}}
+    text = plots.summary_markdown({**REPORT, "photos": photos})
+    assert "| model | median | mean | above 10 % |" in text and "1 of dlib's detections dropped as not faces" in text
+    assert "| mse | 7.10 | 8.20 | 0.000 |" in text and "| bce | 8.00 | 8.50 | 0.500 |" in text
+    assert "above 10 %" not in plots.summary_markdown(REPORT)
 
 
 def test_summary_and_regions_follow_the_losses_list(tmp_path):

@@ -21,22 +21,23 @@ def test_bundled_portraits_load_as_rgb():
 
 
 @pytest.mark.skipif(not peers.available(), reason="the peers extra (dlib) is not installed")
-def test_dlib_references_and_scoring():
-    refs = real_photos.dlib_references()
-    assert [r.name for r in refs] == list(real_photos.PORTRAITS)
-    for r in refs:
-        left, top, w, h = r.box
-        assert r.points.shape == (68, 2) and w > 50 and h > 50
-        inside = (r.points[:, 0] >= left - 0.2 * w) & (r.points[:, 0] <= left + 1.2 * w)
-        assert inside.all()
-    exact = real_photos.score(lambda image, box: next(r.points for r in refs if r.box == box), refs)
-    assert exact == {**{r.name: 0.0 for r in refs}, "mean": 0.0}
-    # every point 10 % of the inter-ocular distance off → NME 10 %
-    shifted = real_photos.score(
-        lambda image, box: next(r.points + [0.1 * inter_ocular(r.points[None])[0], 0.0] for r in refs if r.box == box),
-        refs)
-    for r in refs:
-        assert shifted[r.name] == pytest.approx(10.0, rel=1e-6)
+def test_bundled_portraits_give_one_reference_per_face_and_drop_the_mission_patch():
+    """The default real photos: dlib's HOG finds two boxes on the astronaut, her face and the mission patch on her
+    suit (a weak detection dlib's CNN does not confirm); the face rule keeps the face and counts the patch."""
+    photos = real_photos.photo_set(None)
+    assert [f.file for f in photos.faces] == ["astronaut.png", "grace_hopper.png"]
+    assert len(photos.dropped) == 1 and photos.dropped[0].startswith("astronaut.png@")
+    astro = photos.faces[photos.index("astronaut.png")]
+    left, top, w, h = astro.box
+    assert 150 < left + w / 2 < 300 and 50 < top + h / 2 < 200  # her face, upper middle of the 512² photo
+    for face in photos.faces:
+        assert face.reference == "dlib" and face.points.shape == (68, 2)
+        np.testing.assert_allclose(real_photos.face_nme(face.points[None], [face]), 0.0)
+        # every point 10 % of the inter-ocular distance off → NME 10 %
+        off = face.points + [0.1 * inter_ocular(face.points[None])[0], 0.0]
+        np.testing.assert_allclose(real_photos.face_nme(off[None], [face]), 10.0, rtol=1e-9)
+    report = real_photos.photos_report(photos, {"mse": np.array([3.0, 5.0])}, {"mse": "dark"})
+    assert report["false_faces_dropped"] == 1 and "is_face" in report["face_rule"]
 
 
 # ------------------------------------------------------------------------- the real-photo evaluation of a folder
@@ -70,7 +71,7 @@ def test_a_missing_or_imageless_folder_fails_naming_the_key(tmp_path):
 
 @needs_dlib
 def test_unlabelled_folder_is_scored_against_dlib_and_counts_images_without_a_face(tmp_path):
-    from facemarks.serving.detect import dlib_boxes, map_box
+    from facemarks.serving.detect import dlib_boxes, is_face, map_box
     from facemarks.core.io import write_image
 
     images = _write_portraits(tmp_path)
@@ -78,15 +79,18 @@ def test_unlabelled_folder_is_scored_against_dlib_and_counts_images_without_a_fa
     cache = tmp_path / "cache"
     photos = real_photos.photo_set(tmp_path, cache=cache)
     assert photos.n_images == 3 and photos.no_face == ["wall.png"]
-    dlib = peers.Dlib68()
-    for name, image in images.items():  # every face dlib's detector finds, left to right (its false positives too)
-        found = sorted(dlib_boxes(image), key=lambda d: map_box(d[0], "dlib", d[2])[0])
+    dlib, dropped = peers.dlib68(), 0
+    for name, image in images.items():  # every face dlib's detector finds that is a face, left to right
+        every = dlib_boxes(image)
+        found = sorted([d for d in every if is_face(image, *d)], key=lambda d: map_box(d[0], "dlib", d[2])[0])
+        dropped += len(every) - len(found)
         faces = [f for f in photos.faces if f.file == name]
         assert len(faces) == len(found) >= 1 and [f.index for f in faces] == list(range(len(found)))
         for face, (raw, _, k) in zip(faces, found):
             assert face.reference == "dlib" and face.box_source == "dlib" and face.detector_box == raw
             assert face.box == pytest.approx(map_box(raw, "dlib", k))
             np.testing.assert_allclose(face.points, dlib.predict(image, raw))
+    assert len(photos.dropped) == dropped >= 1  # the astronaut's mission patch
     # the cache holds dlib's answer per image; a rerun reads it back to the same references
     assert len(list(cache.glob("*.json"))) == 3
     again = real_photos.photo_set(tmp_path, cache=cache)
@@ -109,9 +113,9 @@ def test_labelled_folder_is_scored_against_the_human_markup(tmp_path):
     from facemarks.data.synthetic import face_box
 
     images = _write_portraits(tmp_path)
-    dlib = real_photos.dlib_references()
+    portraits = real_photos.photo_set(None)
     # "human" markup: dlib's points moved by 2 px, one photo as a .pts file, the other in a dlib XML list
-    marks = {f"{r.name}.jpg": r.points + 2.0 for r in dlib}
+    marks = {f"{n}.jpg": portraits.faces[portraits.index(f"{n}.png")].points + 2.0 for n in real_photos.PORTRAITS}
     write_pts(tmp_path / "astronaut.pts", marks["astronaut.jpg"])
     pts = marks["grace_hopper.jpg"]
     write_dlib_xml(tmp_path / "labels.xml", [ImageRecord("grace_hopper.jpg", [Face(face_box(pts), pts)])])

@@ -209,7 +209,7 @@ def test_bad_folders_and_a_missing_peers_extra_fail_first_with_one_line(tmp_path
     # without dlib (the peers extra): an import of dlib fails in this subprocess
     folder = _photos(tmp_path / "photos")
     code = ("import sys; sys.modules['dlib'] = None\n"
-            "from pathlib import Path\nfrom facemarks import sources\nfrom facemarks.core.params import parse_params\n"
+            "from pathlib import Path\nfrom facemarks.data import sources\nfrom facemarks.core.params import parse_params\n"
             f"d = parse_params({{'data': {{'source': 'photos', 'photos': {{'path': {str(folder)!r}, "
             f"'cache_dir': {str(tmp_path / 'cache')!r}}}}}}}).data\n"
             f"sources.fetch(d, 0, Path({str(tmp_path / 'raw')!r}))\n")

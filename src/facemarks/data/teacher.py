@@ -126,7 +126,7 @@ class Teacher:
 
     def _model(self):
         if self._dlib is None:
-            self._dlib = peers.Dlib68()
+            self._dlib = peers.dlib68()
         return self._dlib
 
     def detections(self, image: np.ndarray) -> list[tuple[tuple, float, int]]:

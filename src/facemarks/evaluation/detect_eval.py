@@ -47,7 +47,8 @@ from typing import Any
 import numpy as np
 
 from facemarks.serving import detect as D
-from facemarks.core.io import box_iou, list_images, read_image
+from facemarks.core.io import box_iou, read_image
+from facemarks.core.io import photo_files as list_photos
 from facemarks.serving.predict import predict_many
 from facemarks.data.synthetic import face_box
 
@@ -59,12 +60,13 @@ CNN_WEAK = D.SURE_SCORES["cnn"]  # ... and a CNN-only face below this confidence
 FAST_SETTINGS = ("hog", "auto")  # the others (hog-rotate, cnn) are the slow ones
 GOAL_RECALL = 0.99  # auto's share of the plausible union faces >= MIN_SIDE (the issue's goal)
 HALVES = ("tuning", "reporting")
-FOUND_IOU = 0.5  # a marked face is found by a mapped box with this IoU to the box of its points
 
 
-def photo_files(folder: str | Path) -> tuple[list[Path], list[str]]:
-    """The photos of ``folder`` (:func:`facemarks.core.io.list_images`) and the names skipped (contact sheets)."""
-    files = list_images(folder)
+def photo_files(folder: str | Path, pattern: str = "") -> tuple[list[Path], list[str]]:
+    """The photos of ``folder`` narrowed by ``pattern`` (the project's one photo lister,
+    :func:`facemarks.core.io.photo_files`, as ``evaluate.photos_glob`` narrows the real-photo score) and the names
+    skipped (contact sheets)."""
+    files = list_photos(folder, pattern)
     skipped = [p.name for p in files if p.stem.lower().startswith("contact")]
     return [p for p in files if p.name not in skipped], skipped
 
@@ -101,7 +103,7 @@ def run_stages(image: np.ndarray) -> tuple[dict[str, list[D.Detection]], dict[st
 def photo_report(folder: str | Path, model: Any = None, loss: str = "mse", *, size: int = 96, margin: float = 0.25,
                  sigma: float = 1.5, decoder: str = "subpixel", min_side: float = MIN_SIDE,
                  max_photos: int | None = None, keep: list | None = None,
-                 replay: list | None = None, half: str | None = None) -> tuple[dict[str, Any], dict[str, float]]:
+                 replay: list | None = None, half: str | None = None, pattern: str = "") -> tuple[dict[str, Any], dict[str, float]]:
     """The detector settings on the photos of ``folder`` (module docstring): ``(report, timing)``.
 
     ``model`` (a torch module or :class:`facemarks.serving.runtime.OnnxHeatmaps` trained with ``loss``; optional) gives each
@@ -112,12 +114,13 @@ def photo_report(folder: str | Path, model: Any = None, loss: str = "mse", *, si
     ``replay``: such a list from an earlier run, used instead of running the detectors (its times are reported; the
     boxes are mapped again with the current :data:`facemarks.serving.detect.BOX_MAPPING`, :func:`facemarks.serving.detect.remap`).
     ``half``: ``tuning`` or ``reporting`` (:func:`photo_halves`) to score one half only (None: every photo).
+    ``pattern``: a glob on the file names (``evaluate.photos_glob``; empty: every photo).
     """
     if not D.cnn_available() and replay is None:
         D.resolve("cnn")  # raises DetectorUnavailable with the one-line reason
     if half is not None and half not in HALVES:
         raise ValueError(f"photo_report: half must be one of {', '.join(HALVES)} or None, got {half!r}")
-    files, skipped = photo_files(folder)
+    files, skipped = photo_files(folder, pattern)
     if half is not None:
         halves = photo_halves([p.name for p in files])
         files = [p for p in files if halves[p.name] == half]
@@ -249,11 +252,11 @@ def marked_faces(folder: str | Path, csv_name: str = "training_frames_keypoints.
             for row in sorted(chosen.values(), key=lambda r: r[0])]
 
 
-def marked_face_report(folder: str | Path, min_side: float = MIN_SIDE, min_iou: float = FOUND_IOU,
-                       max_faces: int | None = None) -> dict[str, Any]:
+def marked_face_report(folder: str | Path, min_side: float = MIN_SIDE, max_faces: int | None = None) -> dict[str, Any]:
     """Share of the marked faces of a keypoint folder (:func:`marked_faces`) that each setting finds: a face counts as
-    found when one of the setting's mapped boxes has IoU ≥ ``min_iou`` with the box of its marked points
-    (:func:`facemarks.data.synthetic.face_box`: the training convention the mapped boxes follow). Over every face and over
+    found when one of the setting's mapped boxes is the same face (:func:`facemarks.serving.detect.same_face`) as the
+    box of its marked points (:func:`facemarks.data.synthetic.face_box`: the training convention the mapped boxes
+    follow). Over every face and over
     those whose box side is ≥ ``min_side`` (the photo goal's floor; dlib's HOG at upsample 1 finds faces from about
     40 px, the CNN from about 70-80 px)."""
     faces = marked_faces(folder)[:max_faces]
@@ -265,11 +268,11 @@ def marked_face_report(folder: str | Path, min_side: float = MIN_SIDE, min_iou: 
         true = face_box(points)
         sides.append(true[2])
         for s in SETTINGS:
-            found[s].append(any(box_iou(true, d.box) >= min_iou for d in D.assemble(s, stages, cnn=True)))
+            found[s].append(any(D.same_face(true, d.box) for d in D.assemble(s, stages, cnn=True)))
     big = np.array(sides) >= min_side
-    return {"n_faces": len(faces), "n_faces_min_side": int(big.sum()), "min_side": min_side, "min_iou": min_iou,
+    return {"n_faces": len(faces), "n_faces_min_side": int(big.sum()), "min_side": min_side,
             "face_side_median": float(np.median(sides)) if sides else float("nan"),
-            "rule": "one frame per person (the first by file name); found: a mapped box with IoU >= min_iou to "
-                    "face_box of the marked points",
+            "rule": "one frame per person (the first by file name); found: a mapped box that is the same face "
+                    "(facemarks.serving.detect.same_face) as face_box of the marked points",
             "settings": {s: {"found": float(np.mean(v)), "found_min_side": float(np.mean(np.array(v)[big]))
                              if big.any() else float("nan")} for s, v in found.items()}}

@@ -8,6 +8,7 @@ dlib rectangles have inclusive right/bottom edges: ``right = left + width - 1``.
 """
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -16,8 +17,8 @@ import numpy as np
 from facemarks.core import extras
 
 from facemarks.evaluation import metrics
-from facemarks.serving.detect import dlib_boxes, packaged_model
-from facemarks.core.io import ImageRecord, box_iou, read_image
+from facemarks.serving.detect import dlib_boxes, map_box, packaged_model, same_face
+from facemarks.core.io import ImageRecord, read_image
 
 MODEL_FILE = "shape_predictor_68_face_landmarks.dat"
 
@@ -47,7 +48,7 @@ def _rect(box):
 
 
 class Dlib68:
-    """dlib's shape predictor (trained on iBUG 300-W) plus its HOG frontal-face detector."""
+    """dlib's shape predictor (trained on iBUG 300-W); its HOG detector is :func:`facemarks.serving.detect.dlib_boxes`."""
 
     def __init__(self) -> None:
         reason = unavailable_reason()
@@ -60,20 +61,18 @@ class Dlib68:
         shape = self._predictor(np.ascontiguousarray(image), _rect(box))
         return np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64)
 
-    def detect(self, image: np.ndarray, upsample: int = 1) -> list[tuple[float, float, float, float]]:
-        """HOG detections as ``(left, top, width, height)`` boxes, best first: the one wrapper of dlib's HOG detector,
-        :func:`facemarks.serving.detect.dlib_boxes` (its raw boxes, dlib's own threshold)."""
-        return [box for box, _, _ in dlib_boxes(image, upsample)]
+
+@functools.lru_cache(maxsize=1)
+def dlib68() -> Dlib68:
+    """The one :class:`Dlib68` of this process: dlib's shape model (about 100 MB) is read once per run, however many
+    parts of a stage ask for it."""
+    return Dlib68()
 
 
-def detection_hit(true_box, detections) -> bool:
-    """A detection overlaps ``true_box``: IoU ≥ 0.5 or its centre lies inside the true box."""
-    left, top, w, h = true_box
-    for d in detections:
-        cx, cy = d[0] + d[2] / 2, d[1] + d[3] / 2
-        if box_iou(true_box, d) >= 0.5 or (left <= cx <= left + w and top <= cy <= top + h):
-            return True
-    return False
+def detected(image: np.ndarray, box) -> bool:
+    """dlib's HOG detector (:func:`facemarks.serving.detect.dlib_boxes`) finds the face whose training-convention box
+    is ``box``: one of its boxes, mapped onto that convention, is the same face (:func:`facemarks.serving.detect.same_face`)."""
+    return any(same_face(box, map_box(raw, "dlib", k)) for raw, _, k in dlib_boxes(image))
 
 
 def realism(records: list[ImageRecord], root: Path, max_faces: int | None = None) -> dict:
@@ -81,7 +80,7 @@ def realism(records: list[ImageRecord], root: Path, max_faces: int | None = None
 
     The mean-shape baseline places the mean of all faces' box-normalised shapes in each true box.
     """
-    model = Dlib68()
+    model = dlib68()
     faces = [(rec, f) for rec in records for f in rec.faces if np.isfinite(f.points).all()]
     faces = faces[:max_faces] if max_faces is not None else faces
     if not faces:
@@ -93,7 +92,7 @@ def realism(records: list[ImageRecord], root: Path, max_faces: int | None = None
         t0 = time.perf_counter()
         preds.append(model.predict(img, face.box))
         secs += time.perf_counter() - t0
-        hits.append(detection_hit(face.box, model.detect(img, 1)))
+        hits.append(detected(img, face.box))
         left, top, w, h = face.box
         norm.append((face.points - (left, top)) / (w, h))
     gt = np.stack([f.points for _, f in faces])  # (N, 68, 2)

@@ -1,10 +1,15 @@
-"""A real-photo signal that needs no download: the portraits bundled with installed packages, dlib's points as reference.
+"""The one real-photo protocol: a folder of photos (``evaluate.photos``) or, by default, the portraits bundled with the
+installed packages, scored against human markup where a photo has it, else against dlib's 68 points.
 
 scikit-image's ``astronaut`` (Eileen Collins) and matplotlib's ``grace_hopper`` sample are real photographs that
 every install of this project has. Neither is used for training (the synthetic generator's backgrounds are other
-bundled pictures). dlib's 68-point predictor (the ``peers`` extra) gives the reference points inside dlib's own
-detector box, and the model is scored with that same box, so the number is "NME (%) from dlib's points"; dlib
-itself is about 3-4 % from human markup on such portraits, so values below that are not meaningful.
+bundled pictures). Per photo, dlib's HOG detector (upsample 1) and 68-point predictor run once, cached by the image's
+SHA-256 (:data:`PHOTO_CACHE`); a detection is a reference face only when it is a face
+(:func:`facemarks.serving.detect.is_face`: a sure HOG margin, or dlib's CNN confirms it — the astronaut's mission
+patch is not); the model is given dlib's box mapped onto the training convention, exactly as ``facemarks predict``
+gives it, with one flip setting (``evaluate.flip_test``). dlib itself is about 3-4 % from human markup on such
+portraits, so values below that are not meaningful. The astronaut figure and the detection report reuse these
+references.
 
 Shapes: images uint8 ``(H, W, 3)``; boxes ``(left, top, width, height)`` px; points ``(68, 2)`` px with pixel
 centres at integer coordinates.
@@ -12,19 +17,19 @@ centres at integer coordinates.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from facemarks.evaluation import metrics
 from facemarks.core.atomic import atomic_write_json
 from facemarks.augmentation.crops import apply_transform, face_crop
-from facemarks.serving.detect import DLIB_UPSAMPLE, dlib_boxes, map_box
+from facemarks.serving.detect import DLIB_UPSAMPLE, best_same_face, dlib_boxes, is_face, map_box
 from facemarks.core.hashing import file_sha256
-from facemarks.core.io import box_iou, photo_files, read_dlib_xml, read_image, read_pts
-from facemarks.evaluation.peers import Dlib68
+from facemarks.core.io import photo_files, read_dlib_xml, read_image, read_pts
+from facemarks.evaluation.peers import dlib68
 from facemarks.serving.predict import predict_many
 from facemarks.evaluation.stats import paired_comparison
 from facemarks.data.synthetic import face_box
@@ -50,42 +55,6 @@ def load_portrait(name: str) -> np.ndarray:
     raise ValueError(f"unknown portrait {name!r}; known: {', '.join(PORTRAITS)}")
 
 
-@dataclass
-class Reference:
-    """One portrait with dlib's detector box (the largest face) and dlib's 68 points in it."""
-
-    name: str
-    image: np.ndarray  # (H, W, 3) uint8
-    box: tuple[float, float, float, float]
-    points: np.ndarray  # (68, 2) float64
-
-
-def dlib_references(names: tuple[str, ...] = PORTRAITS) -> list[Reference]:
-    """dlib's box and points on each bundled portrait (needs the ``peers`` extra)."""
-    dlib = Dlib68()
-    out = []
-    for name in names:
-        image = load_portrait(name)
-        boxes = dlib.detect(image, 1)
-        if not boxes:
-            continue
-        box = max(boxes, key=lambda b: b[2] * b[3])
-        out.append(Reference(name, image, tuple(float(v) for v in box), dlib.predict(image, box)))
-    return out
-
-
-def score(predict: Callable[[np.ndarray, tuple], np.ndarray], refs: list[Reference]) -> dict[str, float]:
-    """NME (%, inter-ocular of dlib's points) of ``predict(image, box) -> (68, 2)`` on each reference, and the mean."""
-    out = {}
-    for ref in refs:
-        pred = np.asarray(predict(ref.image, ref.box), np.float64)[None]
-        gt = ref.points[None]
-        out[ref.name] = float(100 * metrics.nme(pred, gt, metrics.normaliser(gt, "io"))[0])
-    if out:
-        out["mean"] = float(np.mean(list(out.values())))
-    return out
-
-
 # ------------------------------------------------------------------------------------ a folder of photos
 # ``evaluate.photos``: every loss on a folder of photos. A photo with human markup beside it (a dlib XML list in the
 # folder, or a 300-W ``<stem>.pts``) is scored against that markup; a photo without against dlib's 68 points in dlib's
@@ -95,6 +64,10 @@ PHOTOS_KEY = "evaluate.photos"
 PHOTO_CACHE = "data/cache/photo_refs"
 ABOVE_NME = 10.0  # % NME: a face above this counts as a failure in the real-photo summary (``share_above_10``)
 REFERENCES = ("human", "dlib")
+#: the rule that decides which of dlib's detections are reference faces (metrics/eval.json, ``photos.face_rule``)
+FACE_RULE = ("dlib HOG margin >= 0.3, or a weaker detection that dlib's CNN confirms in a crop around it "
+             "(facemarks.serving.detect.is_face); other detections are dropped and counted")
+CACHE_VERSION = 2  # cache rows carry the HOG score and the face rule's answer
 
 
 @dataclass(frozen=True)
@@ -127,6 +100,12 @@ class PhotoSet:
     images: dict[str, np.ndarray]  # file -> (H, W[, 3]) uint8
     n_images: int
     no_face: list[str]  # images in which neither markup nor dlib gives a face
+    dropped: list[str] = field(default_factory=list)  # "<file>@<left>,<top>": dlib detections that are not faces
+
+    def index(self, file: str) -> int | None:
+        """The largest face of ``file`` (its position in :attr:`faces`), None when the file has none."""
+        found = [i for i, f in enumerate(self.faces) if f.file == file]
+        return max(found, key=lambda i: self.faces[i].box[2]) if found else None
 
 
 def human_markup(folder: str | Path, files: list[Path]) -> dict[str, list[np.ndarray]]:
@@ -151,29 +130,23 @@ def human_markup(folder: str | Path, files: list[Path]) -> dict[str, list[np.nda
     return out
 
 
-def _best_match(box: tuple, candidates: list[tuple], min_iou: float = 0.3) -> int | None:
-    if not candidates:
-        return None
-    iou = [box_iou(box, c) for c in candidates]
-    k = int(np.argmax(iou))
-    return k if iou[k] >= min_iou else None
-
-
-def _dlib_faces(dlib: Any, image: np.ndarray, digest: str, cache: Path | None) -> list[tuple[tuple, int, np.ndarray]]:
+def _dlib_faces(image: np.ndarray, digest: str, cache: Path | None) -> list[tuple[tuple, int, np.ndarray, bool]]:
     """dlib's HOG detections (upsample 1) of one image with dlib's 68 points in each: ``[(raw box, component,
-    points (68, 2))]``, best first; cached as ``<cache>/<sha256 of the image>.json`` when ``cache`` is given (a rerun
-    then runs no dlib on that image)."""
+    points (68, 2), is a face)]``, best first (the last item: :func:`facemarks.serving.detect.is_face`); cached as
+    ``<cache>/<sha256 of the image>-u1-v2.json`` when ``cache`` is given (a rerun then runs no dlib on that image)."""
     import json
 
-    path = None if cache is None else Path(cache) / f"{digest}-u{DLIB_UPSAMPLE}.json"
+    path = None if cache is None else Path(cache) / f"{digest}-u{DLIB_UPSAMPLE}-v{CACHE_VERSION}.json"
     if path is not None and path.is_file():
         rows = json.loads(path.read_text(encoding="utf-8"))
-        return [(tuple(r["box"]), int(r["component"]), np.asarray(r["points"], np.float64)) for r in rows]
-    out = [(tuple(float(v) for v in raw), int(k), np.asarray(dlib.predict(image, raw), np.float64))
-           for raw, _, k in dlib_boxes(image, DLIB_UPSAMPLE)]
+        return [(tuple(r["box"]), int(r["component"]), np.asarray(r["points"], np.float64), bool(r["face"]))
+                for r in rows]
+    out = [(tuple(float(v) for v in raw), int(k), np.asarray(dlib68().predict(image, raw), np.float64),
+            is_face(image, raw, score, k)) for raw, score, k in dlib_boxes(image, DLIB_UPSAMPLE)]
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, [{"box": list(b), "component": k, "points": p.tolist()} for b, k, p in out])
+        atomic_write_json(path, [{"box": list(b), "component": k, "points": p.tolist(), "face": f}
+                                 for b, k, p, f in out])
     return out
 
 
@@ -181,15 +154,15 @@ def photo_set(folder: str | Path | None, pattern: str = "", key: str = PHOTOS_KE
               cache: str | Path | None = None) -> PhotoSet:
     """References for the real-photo evaluation (needs the ``peers`` extra for dlib).
 
-    ``folder`` empty / None: the two bundled portraits (:data:`PORTRAITS`). Per image: human-marked faces
-    (:func:`human_markup`) first, each paired with the dlib HOG detection (upsample 1) whose mapped box overlaps its
-    markup box most (IoU ≥ 0.3); then, only in images without markup, every face dlib's detector finds, with dlib's
-    68 points in dlib's box as the reference. Faces are ordered by file name, then left to right. ``cache``: a
-    folder for dlib's results per image (:func:`_dlib_faces`), keyed by the image's SHA-256.
+    ``folder`` empty / None: the two bundled portraits (:data:`PORTRAITS`). Per image: dlib's detections that are
+    faces (:data:`FACE_RULE`; the others are counted in :attr:`PhotoSet.dropped`); then human-marked faces
+    (:func:`human_markup`) first, each given the detection that is the same face as its markup box
+    (:func:`facemarks.serving.detect.best_same_face`); only in images without markup, every detected face, with
+    dlib's 68 points in dlib's box as the reference. Faces are ordered by file name, then left to right. ``cache``:
+    a folder for dlib's results per image (:func:`_dlib_faces`), keyed by the image's SHA-256.
     """
     import hashlib
 
-    dlib = Dlib68()
     if folder:
         files = photo_files(folder, pattern, key)
         markup = human_markup(folder, files)
@@ -199,15 +172,17 @@ def photo_set(folder: str | Path | None, pattern: str = "", key: str = PHOTOS_KE
         images = {f"{name}.png": load_portrait(name) for name in PORTRAITS}
         markup = {}
         hashes = {n: hashlib.sha256(np.ascontiguousarray(im).tobytes()).hexdigest() for n, im in images.items()}
-    faces, no_face = [], []
+    faces, no_face, dropped = [], [], []
     for name, image in images.items():
-        found = _dlib_faces(dlib, image, hashes[name], None if cache is None else Path(cache))
+        found = _dlib_faces(image, hashes[name], None if cache is None else Path(cache))
+        dropped += [f"{name}@{raw[0]:.0f},{raw[1]:.0f}" for raw, _, _, face in found if not face]
+        found = [(raw, k, pts) for raw, k, pts, face in found if face]
         mapped = [map_box(raw, "dlib", k) for raw, k, _ in found]
         rows = []
         if name in markup:
             for pts in markup[name]:
                 own = face_box(pts[np.isfinite(pts).all(1)])
-                k = _best_match(own, mapped)
+                k = best_same_face(own, mapped)
                 rows.append(("human", own if k is None else mapped[k], "markup" if k is None else "dlib",
                              None if k is None else found[k][0], pts))
         else:
@@ -217,7 +192,7 @@ def photo_set(folder: str | Path | None, pattern: str = "", key: str = PHOTOS_KE
         rows.sort(key=lambda r: r[1][0])
         faces += [PhotoFace(name, i, hashes[name], ref, tuple(float(v) for v in box), src, det, np.asarray(pts))
                   for i, (ref, box, src, det, pts) in enumerate(rows)]
-    return PhotoSet(str(folder or ""), faces, images, len(images), no_face)
+    return PhotoSet(str(folder or ""), faces, images, len(images), no_face, dropped)
 
 
 def face_nme(pred: np.ndarray, faces: list[PhotoFace]) -> np.ndarray:
@@ -255,6 +230,7 @@ def photos_report(photos: PhotoSet, nme: dict[str, np.ndarray], decoders: dict[s
         "references": {k: kinds.count(k) for k in REFERENCES if k in kinds},
         "box_sources": {s: [f.box_source for f in photos.faces].count(s) for s in ("dlib", "markup")},
         "reference_rule": "human markup beside the photo where present, else dlib's 68 points in dlib's box",
+        "face_rule": FACE_RULE, "false_faces_dropped": len(photos.dropped),
         "box_rule": "dlib's HOG box mapped to the training convention (as facemarks predict); markup box if dlib "
                     "misses a marked face",
         "flip_test": flip,
@@ -337,3 +313,16 @@ def evaluate_photos(models: dict[str, Any], decoders: dict[str, str], photos: Ph
         arrays.update(worst_faces(photos, arrays[f"photos_points_{leader}"], nme[leader], n=worst))
         arrays["photos_worst_loss"] = np.asarray(leader)
     return report, faces_csv(photos, nme), arrays
+
+
+def portrait_scores(model: Any, loss: str, *, size: int, margin: float, sigma: float, decoder: str,
+                    flip: bool = False, cache: str | Path | None = None) -> dict[str, float]:
+    """NME (%) of ``model`` on each bundled portrait's face (the largest of the file) under this module's protocol,
+    and their ``mean``: ``{"astronaut": …, "grace_hopper": …, "mean": …}`` (the studies' smoke check)."""
+    photos = photo_set(None, cache=cache)
+    nme = face_nme(predict_faces(model, loss, photos, size=size, margin=margin, sigma=sigma, decoder=decoder,
+                                 flip=flip), photos.faces)
+    out = {name: float(nme[i]) for name in PORTRAITS if (i := photos.index(f"{name}.png")) is not None}
+    if out:
+        out["mean"] = float(np.mean(list(out.values())))
+    return out

@@ -14,13 +14,13 @@ import torch
 
 from facemarks.evaluation import real_photos
 from facemarks.heatmaps.codec import DECODERS, roundtrip_table
-from facemarks.serving.detect import BOX_MAPPING, detect, dlib_available, dlib_boxes
+from facemarks.serving.detect import BOX_MAPPING, detect, dlib_available, same_face
 from facemarks.serving.inference import make_codec, predict_heatmaps, time_per_face
 from facemarks.core.io import box_iou, read_dlib_xml, read_image
 from facemarks.evaluation.metrics import crop_to_original, face_metrics, mean_shape, mean_shape_predictions, nme, normaliser
 from facemarks.training.model import STRIDE
-from facemarks.evaluation.peers import Dlib68
-from facemarks.serving.predict import predict_image, predict_many
+from facemarks.evaluation.peers import dlib68
+from facemarks.serving.predict import predict_many
 from facemarks.data.synthetic import face_box
 from facemarks.core.tracking import MODEL_HASH_TAG, file_md5, numeric_leaves, start_run, tracking_uri
 
@@ -59,7 +59,7 @@ def dlib_predictions(raw_dir: str, files: list[str], boxes: np.ndarray) -> tuple
     """dlib's 68-point predictor on the original images with the true boxes: points ``(N, K, 2)`` px, ms/face."""
     from pathlib import Path
 
-    predictor = Dlib68()
+    predictor = dlib68()
     points, elapsed = [], 0.0
     for file, box in zip(files, np.asarray(boxes, np.float64)):
         image = read_image(Path(raw_dir) / file)
@@ -69,42 +69,23 @@ def dlib_predictions(raw_dir: str, files: list[str], boxes: np.ndarray) -> tuple
     return np.stack(points), 1000.0 * elapsed / max(len(files), 1)
 
 
-def astronaut(model: torch.nn.Module, loss: str, *, size: int, margin: float, sigma: float, decoder: str,
-              use_dlib: bool) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Our model (and dlib, when ``use_dlib``) on the face the cascade finds in scikit-image's astronaut photo.
+def astronaut(portraits: real_photos.PhotoSet, points: np.ndarray, loss: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The astronaut figure's numbers from the real-photo protocol (:func:`facemarks.evaluation.real_photos.photo_set`
+    of the bundled portraits): her face's box (dlib's box mapped as ``facemarks predict`` maps it), our points
+    ``points (F, 68, 2)`` (the model ``loss`` on every face of ``portraits``, in face order) and dlib's reference.
 
-    Returns the JSON summary (``found``, ``box``, ``nme_vs_dlib`` in % of dlib's inter-ocular distance) and arrays
-    ``astro_box (4,)``, ``astro_ours (68, 2)``, ``astro_dlib (68, 2)`` px (NaN when dlib is not used).
+    Returns the JSON summary (``found``, ``loss``, ``box``, ``nme_vs_dlib`` %: the same number as that face's row of
+    the ``photos`` block when the bundled portraits are the real photos) and arrays ``astro_box (4,)``,
+    ``astro_ours (68, 2)``, ``astro_dlib (68, 2)`` px.
     """
-    from skimage.data import astronaut as load
-
-    image = load()
-    faces = predict_image(model, image, loss, size=size, margin=margin, sigma=sigma, decoder=decoder)
-    if not faces:
+    i = portraits.index("astronaut.png")
+    if i is None:
         return {"found": False}, {}
-    face = faces[0]
-    theirs = np.full((68, 2), np.nan)
-    summary: dict[str, Any] = {"found": True, "loss": loss, "box": face["box"],
-                               "mean_confidence": float(np.mean(face["confidence"]))}
-    if use_dlib:
-        theirs = np.asarray(Dlib68().predict(image, tuple(face["box"])), np.float64)
-        norm = normaliser(theirs[None], "io")
-        summary["nme_vs_dlib"] = 100 * float(nme(face["points"][None], theirs[None], norm)[0])
-    return summary, {"astro_box": np.asarray(face["box"]), "astro_ours": face["points"], "astro_dlib": theirs}
-
-
-def real_photo_rows(models: dict[str, torch.nn.Module], report: dict[str, Any], *, size: int, margin: float,
-                    sigma: float) -> dict[str, dict[str, float]]:
-    """Each loss's NME (%) from dlib's points on the bundled real portraits (:mod:`facemarks.evaluation.real_photos`), given
-    dlib's detector box as the face box and decoded with the loss's best test decoder. Needs the ``peers`` extra."""
-    refs = real_photos.dlib_references()
-    rows = {}
-    for loss, model in models.items():
-        decoder = report[loss]["best_decoder"]
-        rows[loss] = real_photos.score(
-            lambda image, box: predict_image(model, image, loss, box, size=size, margin=margin, sigma=sigma,
-                                             decoder=decoder)[0]["points"], refs)
-    return rows
+    face = portraits.faces[i]
+    ours = np.asarray(points[i], np.float64)
+    summary = {"found": True, "loss": loss, "box": [float(v) for v in face.box],
+               "nme_vs_dlib": float(real_photos.face_nme(ours[None], [face])[0])}
+    return summary, {"astro_box": np.asarray(face.box, np.float64), "astro_ours": ours, "astro_dlib": face.points}
 
 
 def train_run_id(loss: str, metrics_dir: str = "metrics", experiment: str | None = None) -> str | None:
@@ -238,22 +219,22 @@ def log_eval_mlflow(report: dict[str, Any], losses: tuple[str, ...] = ("mse", "b
 
 # ------------------------------------------------------------------------------------------------ face detection
 HIT_IOU = 0.7  # a true face is hit when its matched (mapped) detection has IoU >= 0.7
-FOUND_IOU = 0.5  # a detection matches a true face at IoU >= 0.5; an unmatched detection is a false positive
 
 
-def match_detections(true_boxes: np.ndarray, det_boxes: np.ndarray,
-                     min_iou: float = FOUND_IOU) -> tuple[np.ndarray, np.ndarray, int]:
-    """One-to-one greedy matching (highest IoU first) of true boxes ``(F, 4)`` and detections ``(D, 4)``.
+def match_detections(true_boxes: np.ndarray, det_boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """One-to-one greedy matching (highest IoU first) of true boxes ``(F, 4)`` and detections ``(D, 4)``, a pair
+    only where they are the same face (:func:`facemarks.serving.detect.same_face`, the project's one rule).
 
-    Returns the matched detection per true face ``(F,)`` (-1: none with IoU ≥ ``min_iou``), its IoU ``(F,)`` (0 when
-    unmatched) and the number of false positives (detections matched to no true face).
+    Returns the matched detection per true face ``(F,)`` (-1: none), its IoU ``(F,)`` (0 when unmatched) and the
+    number of false positives (detections matched to no true face).
     """
     true_boxes, det_boxes = np.reshape(true_boxes, (-1, 4)), np.reshape(det_boxes, (-1, 4))
-    iou = np.array([[box_iou(t, d) for d in det_boxes] for t in true_boxes]).reshape(len(true_boxes), len(det_boxes))
+    iou = np.array([[box_iou(t, d) if same_face(tuple(t), tuple(d)) else -1.0 for d in det_boxes]
+                    for t in true_boxes]).reshape(len(true_boxes), len(det_boxes))
     match, match_iou, free = np.full(len(true_boxes), -1), np.zeros(len(true_boxes)), iou.copy()
-    while free.size and free.max() >= min_iou:
+    while free.size and free.max() >= 0.0:
         f, d = np.unravel_index(int(np.argmax(free)), free.shape)
-        match[f], match_iou[f] = d, iou[f, d]
+        match[f], match_iou[f] = d, max(iou[f, d], 0.0)
         free[f, :], free[:, d] = -1.0, -1.0
     return match, match_iou, int(len(det_boxes) - (match >= 0).sum())
 
@@ -261,50 +242,39 @@ def match_detections(true_boxes: np.ndarray, det_boxes: np.ndarray,
 def detection_row(true_boxes: list[np.ndarray], detections: list[list[Any]]) -> tuple[dict[str, Any], list[np.ndarray]]:
     """Quality of one detector over images: ``true_boxes[i] (F_i, 4)``, ``detections[i]`` its
     :class:`facemarks.serving.detect.Detection` list. Returns the row (``hit_rate`` at IoU ≥ :data:`HIT_IOU` after mapping,
-    ``found_rate`` at IoU ≥ :data:`FOUND_IOU`, ``fp_per_image``, ``mean_iou`` over true faces with 0 for a miss,
+    ``found_rate``: matched, the same face, ``fp_per_image``, ``mean_iou`` over true faces with 0 for a miss,
     the same before mapping as ``*_raw``) and, per image, the matched mapped box per true face ``(F_i, 4)`` (NaN: none).
     """
-    ious, ious_raw, fps, matched = [], [], 0, []
+    ious, ious_raw, fps, matched, founds = [], [], 0, [], []
     for boxes, dets in zip(true_boxes, detections):
         mapped = np.array([d.box for d in dets], np.float64).reshape(-1, 4)
         idx, iou, fp = match_detections(boxes, mapped)
         ious.append(iou)
+        founds.append(idx >= 0)
         ious_raw.append(match_detections(boxes, np.array([d.raw_box for d in dets], np.float64).reshape(-1, 4))[1])
         fps += fp
         box = np.full((len(idx), 4), np.nan)
         box[idx >= 0] = mapped[idx[idx >= 0]]
         matched.append(box)
-    iou, iou_raw = np.concatenate(ious), np.concatenate(ious_raw)
+    iou, iou_raw, found = np.concatenate(ious), np.concatenate(ious_raw), np.concatenate(founds)
     row = {"n_images": len(true_boxes), "n_faces": int(len(iou)), "n_detections": int(sum(map(len, detections))),
-           "hit_rate": float(np.mean(iou >= HIT_IOU)), "found_rate": float(np.mean(iou >= FOUND_IOU)),
+           "hit_rate": float(np.mean(iou >= HIT_IOU)), "found_rate": float(np.mean(found)),
            "fp_per_image": fps / max(len(true_boxes), 1), "mean_iou": float(np.mean(iou)),
            "hit_rate_raw": float(np.mean(iou_raw >= HIT_IOU)), "mean_iou_raw": float(np.mean(iou_raw))}
     return row, matched
 
 
-def astronaut_reference_box() -> tuple[np.ndarray, tuple[float, float, float, float]]:
-    """The astronaut photo and its reference face box in the training-box convention: there is no human markup, so
-    dlib's 68-point predictor (in dlib's own detector box) gives the points and :func:`facemarks.data.synthetic.face_box`
-    turns them into a box the way the training boxes are made. Needs the ``peers`` extra."""
-    from skimage.data import astronaut as load
-
-    image = load()
-    found = dlib_boxes(image)
-    if not found:
-        raise RuntimeError("astronaut reference: dlib's detector finds no face on the astronaut photo")
-    return image, face_box(Dlib68().predict(image, found[0][0]))
-
-
 def detection_report(model: torch.nn.Module, loss: str, records: list, raw_dir: str, *, size: int, margin: float,
                      sigma: float, decoder: str, max_images: int,
-                     use_peers: bool) -> tuple[dict[str, Any], dict[str, float]]:
+                     portraits: real_photos.PhotoSet | None) -> tuple[dict[str, Any], dict[str, float]]:
     """Face detection quality per detector (``dlib`` when it imports, ``cascade`` always) for ``metrics/detect.json``.
 
     On the first ``max_images`` test images (``records``: :class:`facemarks.core.io.ImageRecord` of ``raw_dir/test.xml``):
     :func:`detection_row` against the true boxes, plus ``nme_own_box`` / ``nme_true_box`` (mean inter-ocular NME, %)
     of the model predicting from the detector's mapped box vs from the true box, on the faces the detector found
-    (IoU ≥ :data:`FOUND_IOU`), and ``nme_ratio`` = own / true. On the astronaut photo (``use_peers``: needs dlib's
-    68-point predictor for the reference box, :func:`astronaut_reference_box`): the same row without NME.
+    (the same face), and ``nme_ratio`` = own / true. On the astronaut photo: the same row without NME, against the
+    reference box of the real-photo protocol (``portraits``: dlib's 68 points of her face made into a box the way
+    training boxes are made, :func:`facemarks.data.synthetic.face_box`; None without dlib).
     Returns the report and the detection wall-clock (``<detector>_ms_per_image``, for timings/MLflow only).
     """
     from pathlib import Path
@@ -316,7 +286,8 @@ def detection_report(model: torch.nn.Module, loss: str, records: list, raw_dir: 
     gt = [np.array([f.points for f in r.faces], np.float64).reshape(-1, 68, 2) for r in recs]
     kw = dict(size=size, margin=margin, sigma=sigma, decoder=decoder)
     pred_true = [p for p, _ in predict_many(model, list(zip(images, true_boxes)), loss, **kw)]
-    report: dict[str, Any] = {"hit_iou": HIT_IOU, "found_iou": FOUND_IOU, "loss": loss, "decoder": decoder,
+    report: dict[str, Any] = {"hit_iou": HIT_IOU, "found_rule": "the same face (facemarks.serving.detect.same_face)",
+                              "loss": loss, "decoder": decoder,
                               "mapping": {d: [m._asdict() for m in BOX_MAPPING[d]] for d in detectors}, "synthetic_test": {}}
     timing: dict[str, float] = {}
     for name in detectors:
@@ -339,8 +310,9 @@ def detection_report(model: torch.nn.Module, loss: str, records: list, raw_dir: 
             row.update(n_nme_faces=int(len(g)), nme_own_box=own_nme, nme_true_box=true_nme,
                        nme_ratio=own_nme / max(true_nme, 1e-9))
         report["synthetic_test"][name] = row
-    if use_peers:
-        image, ref_box = astronaut_reference_box()
+    i = None if portraits is None else portraits.index("astronaut.png")
+    if i is not None:
+        image, ref_box = portraits.images["astronaut.png"], face_box(portraits.faces[i].points)
         report["astronaut"] = {"reference_box": [float(v) for v in ref_box]}
         for name in detectors:
             report["astronaut"][name] = detection_row([np.array([ref_box], np.float64)], [detect(image, name)])[0]

@@ -161,13 +161,15 @@ def summary_markdown(report: dict[str, Any]) -> str:
         vs = astro.get("nme_vs_dlib")
         lines += [f"Astronaut photo ({astro['loss']} model): " + (f"NME vs dlib's points {vs:.2f} %." if vs is not None
                   else "dlib not available, overlay only.") + " See `astronaut.png`.", ""]
-    real = report.get("real_photos", {})
-    if real:
-        names = [k for k in next(iter(real.values())) if k != "mean"]
-        lines += ["Real portraits bundled with the installed packages (dlib's detector box given; NME from dlib's "
-                  "points, %):", "", "| model | " + " | ".join(names) + " | mean |", "|---" * (len(names) + 2) + "|"]
-        lines += [f"| {loss} | " + " | ".join(f"{row[n]:.2f}" for n in names) + f" | {row['mean']:.2f} |"
-                  for loss, row in real.items()]
+    photos = report.get("photos", {})
+    if photos.get("n_faces"):
+        lines += [f"Real photos ({photos.get('folder', '?')}: {photos['n_faces']} faces in {photos.get('n_images', '?')} "
+                  f"images, references {photos.get('references', {})}; {photos.get('false_faces_dropped', 0)} of "
+                  "dlib's detections dropped as not faces), NME %:", "",
+                  "| model | median | mean | above 10 % |", "|---|---|---|---|"]
+        lines += [f"| {loss} | {photos[loss]['median']:.2f} | {photos[loss]['mean']:.2f} | "
+                  f"{photos[loss]['share_above_10']:.3f} |" for loss in losses
+                  if isinstance(photos.get(loss), dict) and photos[loss].get("median") is not None]
         lines.append("")
     rt = report.get("roundtrip", {})
     if rt:

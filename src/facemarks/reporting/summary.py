@@ -1,7 +1,7 @@
 """Results at a glance: the small table the README shows, written from ``metrics/eval.json`` and never copied by hand.
 
 One row per loss of the evaluation (synthetic test NME mean and median, AUC and FR at ``evaluate.threshold``, and the
-real-photo median NME from the ``photos`` block, else the two bundled portraits of ``real_photos``), then dlib's
+real-photo median NME from the ``photos`` block: a folder of photos or the bundled portraits), then dlib's
 68-point predictor and the mean shape; under the table the folder and faces of the real-photo set and the verdicts of
 the paired comparisons. :func:`refresh` writes it to ``reports/summary.md`` and between the markers
 :data:`BEGIN` / :data:`END` of ``README.md`` (``facemarks summary``); ``check=True`` only says which file is stale
@@ -48,8 +48,8 @@ def _synthetic_cells(block: dict[str, Any], median: Any) -> list[str]:
 
 
 def _photo_column(report: dict[str, Any]) -> tuple[str | None, dict[str, str], list[str]]:
-    """(header, cell per row name, notes) of the real-photo column: the ``photos`` block when present, else the
-    bundled portraits of ``real_photos``, else no column (header None)."""
+    """(header, cell per row name, notes) of the real-photo column: the ``photos`` block when it scored faces, else
+    no column (header None)."""
     photos = report.get("photos")
     if isinstance(photos, dict) and photos.get("n_faces"):
         cells = {name: _num((photos.get(name) or {}).get("median"), 2)
@@ -60,20 +60,12 @@ def _photo_column(report: dict[str, Any]) -> tuple[str | None, dict[str, str], l
         kinds = ", ".join(f"{REFERENCE_LABELS.get(k, k)} {n}" for k, n in refs.items())
         notes = [f"Real photos: `{photos.get('folder', '?')}`, {photos['n_faces']} faces in "
                  f"{photos.get('n_images', '?')} images (reference: {kinds or '?'}); median of the per-face NME, "
-                 f"each loss at its best decoder."]
+                 f"each loss at its best decoder; {photos.get('false_faces_dropped', 0)} of dlib's detections were not "
+                 f"faces and are not scored."]
         for pair in (photos.get("comparison") or {}).values():
             if isinstance(pair, dict) and pair.get("verdict"):
                 notes.append(f"On these photos (paired per face, mean NME): {pair['verdict']}.")
         return f"real photos: median NME % ({photos['n_faces']} faces)", cells, notes
-    portraits = report.get("real_photos")
-    if isinstance(portraits, dict) and portraits:
-        cells = {name: " / ".join(_num(v.get(p), 2) for p in ("astronaut", "grace_hopper"))
-                 for name, v in portraits.items() if isinstance(v, dict)}
-        cells.setdefault("dlib68", "reference")
-        notes = ["Bundled portraits: scikit-image's astronaut and matplotlib's Grace Hopper in dlib's detector box, "
-                 "NME from dlib's own 68 points (two faces: a smoke test, not a "
-                 "measurement; set `evaluate.photos` to a folder of photos)."]
-        return "bundled portraits NME % (astronaut / Grace Hopper)", cells, notes
     return None, {}, []
 
 

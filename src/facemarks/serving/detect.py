@@ -73,6 +73,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from facemarks.core import extras
 from facemarks.core.io import box_iou
 
 DETECTORS = ("auto", "hog", "hog-rotate", "cnn", "cascade", "dlib")
@@ -168,12 +169,8 @@ class DetectorUnavailable(RuntimeError):
 
 
 def dlib_available() -> bool:
-    """True when ``import dlib`` works (the ``peers`` extra)."""
-    try:
-        import dlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """True when ``import dlib`` works (the ``peers`` extra; :func:`facemarks.core.extras.dlib_available`)."""
+    return extras.dlib_available()
 
 
 def packaged_model(file: str, package: str) -> Path | None:
@@ -317,9 +314,7 @@ def rotate_image(image: np.ndarray, angle: float) -> tuple[np.ndarray, np.ndarra
 
 @functools.lru_cache(maxsize=1)
 def _dlib_detector():
-    import dlib
-
-    return dlib.get_frontal_face_detector()
+    return extras.dlib().get_frontal_face_detector()
 
 
 def dlib_boxes(image: np.ndarray, upsample: int = DLIB_UPSAMPLE,
@@ -349,9 +344,7 @@ def rotated_hog_boxes(image: np.ndarray, angle: float, upsample: int = DLIB_UPSA
 
 @functools.lru_cache(maxsize=2)
 def _cnn_detector(path: str):
-    import dlib
-
-    return dlib.cnn_face_detection_model_v1(path)
+    return extras.dlib().cnn_face_detection_model_v1(path)
 
 
 def copy_scale(shape: tuple[int, ...], max_side: float) -> float:
@@ -552,6 +545,25 @@ def same_face(a: Box, b: Box, min_iou: float = MERGE_IOU) -> bool:
     iw = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
     ih = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
     return iw * ih >= MERGE_INSIDE * small[2] * small[3]
+
+
+def best_same_face(box: Box, candidates: list[Box]) -> int | None:
+    """The index of the candidate that is the same face as ``box`` (:func:`same_face`, the one rule for "the same
+    face" in this project), the highest-IoU one when several are; None when none is."""
+    same = [i for i, c in enumerate(candidates) if same_face(box, c)]
+    return max(same, key=lambda i: box_iou(box, candidates[i])) if same else None
+
+
+def is_face(image: np.ndarray, raw: Box, score: float, component: int = 0) -> bool:
+    """A HOG detection (``raw`` box, ``score``, ``component``) is a face: its margin reaches
+    ``SURE_SCORES["hog"]``, or — a weak one — dlib's CNN confirms it in a crop around it (the cascade's check of a
+    near miss). Without the CNN model (the ``peers`` extra) a weak detection is not a face. The rule that keeps the
+    astronaut's mission patch out of the real-photo references."""
+    if score >= SURE_SCORES["hog"]:
+        return True
+    if not cnn_available():
+        return False
+    return bool(_check(image, [Detection(map_box(raw, "hog", component), score, "hog", tuple(raw), component)]))
 
 
 def merge(found: list[Detection], min_iou: float = MERGE_IOU) -> list[Detection]:

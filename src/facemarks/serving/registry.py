@@ -22,7 +22,7 @@ CHAMPION_ALIAS = "champion"  # ... and its alias: models:/facemarks@champion
 
 def register_champion(run_id: str, tags: dict[str, str] | None = None, name: str = REGISTERED_MODEL,
                       alias: str | None = CHAMPION_ALIAS, model_name: str = "model") -> Any:
-    """Register the PyTorch model (``model_name``, as :func:`facemarks.training.train.log_mlflow` names it) logged by train run
+    """Register the PyTorch model (``model_name``, as :func:`facemarks.training.mlflow_log.log_mlflow` names it) logged by train run
     ``run_id`` as a new version of ``name`` and point ``alias`` at it (None: leave the aliases alone).
 
     ``tags`` go on the model version (the evaluate stage puts the loss, the best decoder and the test NME there).
