@@ -12,7 +12,7 @@ import pytest
 from facemarks.data import groups, local, sources, synthetic
 from facemarks.augmentation.augment import run_augment
 from facemarks.core.io import DataError, read_dlib_xml, write_image
-from facemarks.core.params import Augment, Data, Local, ParamsError, load_params
+from facemarks.core.params import Augment, Data, Local, ParamsError, compile_rule, load_params
 
 REAL_FACES = Path(__file__).resolve().parents[2] / "shared" / "real-faces"
 PERSON = r"^(.+)_\d+$"
@@ -151,8 +151,8 @@ def test_the_shared_real_faces_read_whole_and_split_by_person(tmp_path):
     skipped: collections.Counter = collections.Counter()
     items = local.read_keypoints_csv(REAL_FACES / "training_frames_keypoints.csv", "error", skipped)
     assert len(items) == 3452 and not skipped
-    split = local.seeded_split(items, 0.2, 0, groups.compile_rule(PERSON))
-    people = {s: {groups.group_of(p.name, groups.compile_rule(PERSON)) for p, _ in split[s]} for s in split}
+    split = local.seeded_split(items, 0.2, 0, compile_rule(PERSON))
+    people = {s: {groups.group_of(p.name, compile_rule(PERSON)) for p, _ in split[s]} for s in split}
     assert not people["train"] & people["test"] and 0.15 < len(split["test"]) / 3452 < 0.25
 
 

@@ -24,6 +24,20 @@ class ParamsError(ValueError):
     """A bad parameter value; ``str(err)`` is one line naming the key."""
 
 
+def compile_rule(pattern: str, key: str = "data.local.group") -> re.Pattern | None:
+    """A person-group rule (``data.local.group``) compiled, ``None`` for the empty rule; an invalid pattern or one
+    without a capture group is a one-line :class:`ParamsError` naming ``key`` (:mod:`facemarks.data.groups` uses it)."""
+    if not pattern:
+        return None
+    try:
+        rule = re.compile(pattern)
+    except re.error as exc:
+        raise ParamsError(f"{key} = {pattern!r}: not a regular expression ({exc})") from None
+    if rule.groups < 1:
+        raise ParamsError(f"{key} = {pattern!r}: needs a capture group naming the person, e.g. '^(.+)_\\d+$'")
+    return rule
+
+
 def _p(default: Any, lo: float | None = None, hi: float | None = None, *, choices: tuple | None = None,
        lo_open: bool = False, pattern: str | None = None, doc: str = "") -> Any:
     """A field with validation metadata: inclusive range ``[lo, hi]`` (``lo_open`` → ``(lo, hi]``) or ``choices``."""
@@ -219,15 +233,7 @@ class Params:
         if a.size % 32:
             raise ParamsError(f"augment.size = {a.size} must be a multiple of 32 (the ResNet18 backbone has stride 32; "
                               "heatmaps are 1/4 of the input)")
-        rule = self.data.local.group
-        if rule:  # the same checks as facemarks.data.groups.compile_rule (params imports no data module)
-            try:
-                n_groups = re.compile(rule).groups
-            except re.error as exc:
-                raise ParamsError(f"data.local.group = {rule!r}: not a regular expression ({exc})") from None
-            if n_groups < 1:
-                raise ParamsError(f"data.local.group = {rule!r}: needs a capture group naming the person, "
-                                  "e.g. '^(.+)_\\d+$'")
+        compile_rule(self.data.local.group)
         if self.data.source == "local" and not self.data.local.path:
             raise ParamsError("data.local.path is empty: set it to a folder when data.source = local")
         if self.data.source == "photos" and not self.data.photos.path:

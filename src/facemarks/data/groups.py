@@ -26,20 +26,6 @@ from facemarks.core.io import DataError
 GROUPS_FILE = "groups.json"  # in data/raw: {"rule": pattern, "groups": {record file: group}}
 
 
-def compile_rule(pattern: str, key: str = "data.local.group") -> re.Pattern | None:
-    """``pattern`` compiled (``None`` for the empty rule); an invalid pattern or one without a capture group is a
-    one-line error naming ``key``."""
-    if not pattern:
-        return None
-    try:
-        rule = re.compile(pattern)
-    except re.error as exc:
-        raise ValueError(f"{key} = {pattern!r}: not a regular expression ({exc})") from None
-    if rule.groups < 1:
-        raise ValueError(f"{key} = {pattern!r}: needs a capture group naming the person, e.g. '^(.+)_\\d+$'")
-    return rule
-
-
 def group_of(file: str, rule: re.Pattern | None, key: str = "data.local.group") -> str:
     """The group of ``file`` (a path; its name without suffix is matched): the rule's first group, or the file
     itself under the empty rule. A name the rule does not match is an error naming the file and ``key``."""

@@ -36,7 +36,7 @@ import numpy as np
 from facemarks.data import groups
 from facemarks.core.io import IMAGE_SUFFIXES, DataError, Face, ImageRecord, read_dlib_xml, read_pts
 from facemarks.core.landmarks import N_POINTS
-from facemarks.core.params import Local
+from facemarks.core.params import Local, compile_rule
 from facemarks.data.synthetic import face_box
 from facemarks.data.validate import Items, Splits
 from facemarks.data.validate import skip_item as _skip
@@ -59,7 +59,7 @@ def local_splits(cfg: Local, seed: int, on_bad: str, skipped: collections.Counte
     folder = Path(cfg.path).expanduser()
     if not folder.is_dir():
         raise DataError(f"data.local.path = {cfg.path!r}: not a folder")
-    rule = groups.compile_rule(cfg.group)
+    rule = compile_rule(cfg.group)
     for suffix, read in ((".xml", _read_xml_lists), (".csv", lambda paths, bad, sk: _read_csvs(paths, bad, sk, cfg.box))):
         lists = sorted(p for p in folder.glob(f"*{suffix}") if p.is_file())
         if not lists:
@@ -91,7 +91,7 @@ def seeded_split(items: Items, test_fraction: float, seed: int, rule=None) -> Sp
     About ``round(n × test_fraction)`` images go to test, at least one of each split when ``n ≥ 2``.
     """
     items = sorted(items, key=lambda it: (str(it[0]), it[1].file))
-    names = [str(i) for i in range(len(items))] if rule is None else [groups.group_of(p.name, rule) for p, _ in items]
+    names = [str(i) for i in range(len(items))] if rule is None else item_groups(items, rule)
     rng = np.random.default_rng(groups.split_seed(seed, "local-split"))
     test_idx = set(groups.group_split(names, test_fraction, rng).tolist())
     return {"train": [it for i, it in enumerate(items) if i not in test_idx],

@@ -52,7 +52,7 @@ from facemarks.data import groups, local, synthetic, teacher
 from facemarks.core.atomic import atomic_dir, atomic_write_text
 from facemarks.core.hashing import file_sha256
 from facemarks.core.io import DataError, ImageRecord, read_dlib_xml, write_dlib_xml
-from facemarks.core.params import Data, Ibug300w
+from facemarks.core.params import Data, Ibug300w, compile_rule
 from facemarks.data.validate import face_problem, validate_records, validate_splits
 
 log = logging.getLogger("facemarks.data.sources")
@@ -139,7 +139,7 @@ def _record_groups(checked: Splits, kept: dict[str, list[ImageRecord]], rule: st
     (``checked`` items and ``kept`` records are in the same order), or — without a rule — its own file."""
     if not rule:
         return {split: [rec.file for rec in records] for split, records in kept.items()}
-    compiled = groups.compile_rule(rule)
+    compiled = compile_rule(rule)
     return {split: local.item_groups(checked[split], compiled) for split in kept}
 
 
