@@ -397,6 +397,17 @@ def test_auto_backend_takes_int8_only_when_its_guard_passed_and_it_matches_the_m
         choice.path, weights_only=True).items()}, other)
     predictor, backend, why = load_predictor(ModelChoice(other, "mse", "test"), "auto", exports)
     assert backend == "torch" and "model.int8.onnx was not exported from" in why
+    # passed for some decoders only (argmax's grid steps moved, DARK's points did not): int8 serves DARK alone
+    checks = {"test": {"max_nme_delta": 0.3, "nme_delta": {"argmax": 0.3, "dark": 0.02}},
+              "photos": {"max_nme_delta": 0.05, "nme_delta": {"argmax": -0.1, "dark": 0.05}}}
+    verdict = export.int8_verdict(checks, tolerance=0.1)
+    assert not verdict["ok"] and verdict["decoders_passed"] == ["dark"]
+    assert export.used_by_predict(verdict).startswith("int8 with the dark decoders")
+    export.record_int8_check(int8, verdict)
+    assert load_predictor(choice, "auto", exports, decoder="dark")[1] == "onnx-int8"
+    assert "for the dark decoder" in load_predictor(choice, "auto", exports, decoder="dark")[2]
+    assert load_predictor(choice, "auto", exports, decoder="argmax")[1] == "onnx"
+    assert load_predictor(choice, "auto", exports)[1] == "onnx"  # no decoder named: every decoder must pass
     with pytest.raises(FileNotFoundError, match="dvc repro export"):
         load_predictor(choice, "onnx-int8", tmp_path / "nothing")
     with pytest.raises(ValueError, match="onnx-int8"):

@@ -123,7 +123,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if registered is not None:
             model, backend, why = registered.model, "torch", "a registered PyTorch model"
         else:
-            model, backend, why = load_predictor(choice, args.backend)
+            model, backend, why = load_predictor(choice, args.backend, decoder=decoder)
     except ValueError as exc:
         print(f"facemarks predict: {exc}", file=sys.stderr)
         return 2

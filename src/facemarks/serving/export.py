@@ -384,20 +384,36 @@ def photo_accuracy(fp32: OnnxHeatmaps, int8: OnnxHeatmaps, items: list[tuple[np.
 
 def int8_verdict(checks: dict[str, dict[str, Any]], tolerance: float = NME_TOLERANCE) -> dict[str, Any]:
     """The accuracy guard over named :func:`int8_accuracy` results (``test``, ``photos``, ...): passed when every
-    ``max_nme_delta`` ≤ ``tolerance`` NME points. Returns ``{"ok", "tolerance_nme", "max_nme_delta", "failed":
-    [names], "checked": [names]}``; no check at all does not pass."""
+    ``max_nme_delta`` ≤ ``tolerance`` NME points (every decoder). Returns ``{"ok", "tolerance_nme", "max_nme_delta",
+    "failed": [names], "checked": [names], "decoders_passed": [decoders]}``; ``decoders_passed`` are the decoders
+    whose ``nme_delta`` is ≤ ``tolerance`` in every check (``predict`` decodes with one decoder, the loss's best:
+    int8 serves it when that decoder passed). No check at all does not pass."""
     worst = max((c["max_nme_delta"] for c in checks.values()), default=float("inf"))
     failed = [name for name, c in checks.items() if not c["max_nme_delta"] <= tolerance]
+    deltas = [c.get("nme_delta") for c in checks.values()]
+    decoders = [] if not checks or any(d is None for d in deltas) else [
+        name for name in deltas[0] if all(d.get(name, float("inf")) <= tolerance for d in deltas)]
     return {"ok": bool(checks) and not failed, "tolerance_nme": float(tolerance), "max_nme_delta": float(worst),
-            "failed": failed, "checked": list(checks)}
+            "failed": failed, "checked": list(checks), "decoders_passed": decoders}
 
 
 def record_int8_check(path: str | Path, verdict: dict[str, Any]) -> None:
-    """Write the guard's verdict into the int8 file's metadata (``int8_check`` passed | failed,
-    ``int8_max_nme_delta``, ``int8_tolerance_nme``): a copied file carries it, and ``predict`` reads it there."""
+    """Write the guard's verdict into the int8 file's metadata (``int8_check`` passed | failed, over every decoder;
+    ``int8_decoders_passed``, comma-separated; ``int8_max_nme_delta``, ``int8_tolerance_nme``): a copied file
+    carries it, and ``predict`` reads it there."""
     write_metadata(path, {"int8_check": "passed" if verdict["ok"] else "failed",
+                          "int8_decoders_passed": ",".join(verdict.get("decoders_passed", [])),
                           "int8_max_nme_delta": f"{verdict['max_nme_delta']:.6g}",
                           "int8_tolerance_nme": f"{verdict['tolerance_nme']:g}"})
+
+
+def used_by_predict(verdict: dict[str, Any]) -> str:
+    """What ``facemarks predict`` runs by default given the guard's ``verdict`` (metrics/export.json)."""
+    if verdict["ok"]:
+        return "int8"
+    if verdict.get("decoders_passed"):
+        return f"int8 with the {', '.join(verdict['decoders_passed'])} decoders; fp32 with the others"
+    return "fp32 (int8 missed the NME tolerance)"
 
 
 def quantize_and_check(fp32_path: str | Path, train_images: np.ndarray, test: Any, *, sigma: float, margin: float,
@@ -411,7 +427,8 @@ def quantize_and_check(fp32_path: str | Path, train_images: np.ndarray, test: An
     verdict in the file (:func:`record_int8_check`). ``weights``: ``export.weights`` (:func:`weight_range`). Returns
     the ``metrics/export.json`` entry: ``path``, ``quant_format``, ``weights`` (resolved), ``processor`` (model and flags of
     the CPU the guard ran on: int8 numerics depend on VNNI), ``calibration_method``, ``calibration_faces``, ``calibration_seed``, ``checks`` (name →
-    :func:`int8_accuracy` result), ``ok``, ``tolerance_nme``, ``max_nme_delta``, ``failed``, ``used_by_predict``. No
+    :func:`int8_accuracy` result), ``ok``, ``tolerance_nme``, ``max_nme_delta``, ``failed``, ``decoders_passed``,
+    ``used_by_predict``. No
     timings (they go to ``benchmarks/bench_infer.py``)."""
     fp32_path = Path(fp32_path)
     calibration = calibration_sample(train_images, calibration_faces, seed)
@@ -428,5 +445,5 @@ def quantize_and_check(fp32_path: str | Path, train_images: np.ndarray, test: An
     return {"path": str(path), "quant_format": fmt, "weights": resolved, "processor": cpuinfo.describe(),
             "calibration_method": method,
             "calibration_faces": int(len(calibration)), "calibration_seed": int(seed), "checks": checks,
-            **{k: verdict[k] for k in ("ok", "tolerance_nme", "max_nme_delta", "failed")},
-            "used_by_predict": "int8" if verdict["ok"] else "fp32 (int8 missed the NME tolerance)"}
+            **{k: verdict[k] for k in ("ok", "tolerance_nme", "max_nme_delta", "failed", "decoders_passed")},
+            "used_by_predict": used_by_predict(verdict)}

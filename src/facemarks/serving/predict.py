@@ -98,8 +98,8 @@ def _exported_from(runtime: OnnxHeatmaps, model_pt: Path) -> bool:
     return model_pt.is_file() and runtime.metadata.get("source_sha256") == file_sha256(model_pt)
 
 
-def load_predictor(choice: ModelChoice, backend: str = "auto",
-                   exports_dir: str | Path = "exports") -> tuple[torch.nn.Module | OnnxHeatmaps, str, str]:
+def load_predictor(choice: ModelChoice, backend: str = "auto", exports_dir: str | Path = "exports",
+                   decoder: str | None = None) -> tuple[torch.nn.Module | OnnxHeatmaps, str, str]:
     """The model to predict with: ``(torch module or OnnxHeatmaps, backend "onnx-int8" | "onnx" | "torch", why
     (one line))``.
 
@@ -107,8 +107,8 @@ def load_predictor(choice: ModelChoice, backend: str = "auto",
     ``.pt``: ``onnx`` runs its exported twin ``<exports_dir>/<loss>/model.onnx``, ``onnx-int8`` its quantised twin
     ``<exports_dir>/<loss>/model.int8.onnx`` (stage ``export``; run even when its accuracy guard failed, which
     ``why`` then says). ``auto`` (the default) takes the first of: the int8 twin when it was exported from this very
-    file (``source_sha256`` in its metadata) *and* its accuracy guard passed (``int8_check`` in its metadata:
-    :attr:`facemarks.serving.runtime.OnnxHeatmaps.int8_passed`); the fp32 twin when it was exported from this file; the
+    file (``source_sha256`` in its metadata) *and* its accuracy guard passed (``int8_check`` in its metadata, or for
+    the ``decoder`` predict decodes with: :meth:`facemarks.serving.runtime.OnnxHeatmaps.int8_passed_for`); the fp32 twin when it was exported from this file; the
     ``.pt`` on torch. ``FileNotFoundError`` when the file an explicit backend needs is missing.
     """
     if backend not in BACKENDS:
@@ -118,7 +118,7 @@ def load_predictor(choice: ModelChoice, backend: str = "auto",
             raise ValueError(f"--backend torch needs a model.pt, got {choice.path}")
         runtime = OnnxHeatmaps(choice.path)
         if runtime.precision == "int8":
-            verdict = "accuracy guard passed" if runtime.int8_passed else "accuracy guard NOT passed"
+            verdict = "accuracy guard passed" if runtime.int8_passed_for(decoder) else "accuracy guard NOT passed"
             return runtime, "onnx-int8", f"an exported int8 .onnx model ({verdict})"
         if backend == "onnx-int8":
             raise ValueError(f"--backend onnx-int8: {choice.path} is not an int8 model")
@@ -127,17 +127,18 @@ def load_predictor(choice: ModelChoice, backend: str = "auto",
     twin, twin8 = folder / "model.onnx", folder / "model.int8.onnx"
     if backend == "onnx-int8":
         runtime = OnnxHeatmaps(twin8)  # FileNotFoundError names `dvc repro export`
-        note = "" if runtime.int8_passed else " (its accuracy guard did NOT pass: metrics/export.json)"
+        note = "" if runtime.int8_passed_for(decoder) else " (its accuracy guard did NOT pass: metrics/export.json)"
         return runtime, "onnx-int8", f"--backend onnx-int8: {twin8}{note}"
     notes = []
     if backend == "auto" and twin8.is_file():
         runtime = OnnxHeatmaps(twin8)
         if not _exported_from(runtime, choice.path):
             notes.append(f"{twin8} was not exported from {choice.path}")
-        elif not runtime.int8_passed:
+        elif not runtime.int8_passed_for(decoder):
             notes.append(f"{twin8} did not pass its accuracy guard (metrics/export.json)")
         else:
-            return runtime, "onnx-int8", f"{twin8}, exported from {choice.path}, accuracy guard passed"
+            passed = "" if runtime.int8_passed else f" for the {decoder} decoder"
+            return runtime, "onnx-int8", f"{twin8}, exported from {choice.path}, accuracy guard passed{passed}"
     if backend == "onnx" or (backend == "auto" and twin.is_file()):
         runtime = OnnxHeatmaps(twin)  # FileNotFoundError names `dvc repro export`
         if backend == "onnx":

@@ -105,6 +105,13 @@ class OnnxHeatmaps:
         export stage after comparing it with its fp32 twin); False for fp32 files, failed or unchecked int8 ones."""
         return self.precision == "int8" and self.metadata.get("int8_check") == "passed"
 
+    def int8_passed_for(self, decoder: str | None = None) -> bool:
+        """:attr:`int8_passed`, or — for one ``decoder`` — True when the guard passed for that decoder (metadata
+        ``int8_decoders_passed``: the decoders int8 kept within the tolerance on every check)."""
+        if self.int8_passed or decoder is None or self.precision != "int8":
+            return self.int8_passed
+        return decoder in self.metadata.get("int8_decoders_passed", "").split(",")
+
     def run(self, x: np.ndarray) -> np.ndarray:
         """float32 ``(N, 1, S, S)`` in [0, 1] → heatmaps float32 ``(N, K, h, w)``."""
         return self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(x, np.float32)})[0]
