@@ -366,9 +366,13 @@ def comparisons(out: Path, by: dict) -> list[str]:
     per-seed median differences)."""
     pairs = []
     loss_rows = {k[3]: v for k, v in by.items() if k[0] == "loss"}
-    for a, b in (("bce", "mse"), ("awing", "mse"), ("awing", "bce")):
-        if a in loss_rows and b in loss_rows:
-            pairs.append((f"{a} − {b} (all training people, training box)", loss_rows[a], loss_rows[b]))
+    sched_rows = {k[3]: v for k, v in by.items() if k[0] == "sched20"}
+    for arm_rows, budget in ((loss_rows, "default budget: 96 px, 2 + 1 epochs"), (sched_rows, "64 px, 10 + 10 epochs")):
+        for a, b in (("bce", "mse"), ("awing", "mse"), ("awing", "bce")):
+            if a in arm_rows and b in arm_rows:
+                pairs.append((f"{a} − {b} ({budget})", arm_rows[a], arm_rows[b]))
+    for loss in sorted(set(sched_rows) & set(loss_rows)):
+        pairs.append((f"{loss}: 10 + 10 epochs at 64 px − 2 + 1 at 96 px", sched_rows[loss], loss_rows[loss]))
     box = {k: v for k, v in by.items() if k[0] == "box"}
     if box and "mse" in loss_rows:
         pairs.append(("tight box − training box (mse)", next(iter(box.values())), loss_rows["mse"]))
