@@ -200,5 +200,8 @@ def summary_lines(out: Outputs) -> list[str]:
         lines.append(f"evaluate: detector {name:8s} hits {row['hit_rate']:.3f} (IoU >= {out.detection['hit_iou']}), "
                      f"FP/image {row['fp_per_image']:.3f}, mean IoU {row['mean_iou']:.3f}; NME own / true box "
                      f"{row.get('nme_own_box', float('nan')):.2f} / {row.get('nme_true_box', float('nan')):.2f} %")
-    lines.append(f"evaluate: {report['comparison']['verdict']}; astronaut {report['astronaut']}")
+    astro = report.get("astronaut", {})
+    said = (f"astronaut ({astro['loss']}) NME vs the reference {astro['nme_vs_dlib']:.2f} %" if astro.get("found")
+            else "no astronaut reference")
+    lines.append(f"evaluate: {report['comparison']['verdict']}; {said}")
     return lines
