@@ -27,7 +27,7 @@ from facemarks.serving.detect import (BOX_MAPPING, ROTATIONS, cascade_boxes, cnn
                               dlib_boxes, fit_box_map, map_box, rotate_image, rotated_hog_boxes)
 from facemarks.core.io import box_iou, read_dlib_xml, read_image
 from facemarks.core.params import Params, load_params
-from facemarks.data.synthetic import face_box
+from facemarks.core.landmarks import face_box
 
 
 def training_faces(raw: Path, n: int, tmp: Path) -> tuple[Path, list]:

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from facemarks.data import groups, local, sources, synthetic
+from facemarks.core import landmarks
+from facemarks.data import groups, local, sources
 from facemarks.augmentation.augment import run_augment
 from facemarks.core.io import DataError, read_dlib_xml, write_image
 from facemarks.core.params import Augment, Data, Local, ParamsError, compile_rule, load_params
@@ -141,7 +142,7 @@ def test_a_file_outside_the_rule_and_a_rule_without_group_are_refused(tmp_path):
 
 def test_points_only_faces_get_the_training_box_rule_or_the_tight_box():
     pts = face_points(np.random.default_rng(1), 200, 240)
-    assert local.points_box(pts) == synthetic.face_box(pts)
+    assert local.points_box(pts) == landmarks.face_box(pts)
     left, top, w, h = local.points_box(pts, "tight")
     assert (left, top) == (pts[:, 0].min(), pts[:, 1].min()) and (w, h) == tuple(np.ptp(pts, axis=0) + 1)
 

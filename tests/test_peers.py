@@ -8,7 +8,8 @@ import pytest
 
 from facemarks.evaluation import peers
 from facemarks.core.params import Synthetic
-from facemarks.data.synthetic import face_box, generate_split
+from facemarks.core.landmarks import face_box
+from facemarks.data.synthetic import generate_split
 from facemarks.serving.detect import dlib_boxes
 
 

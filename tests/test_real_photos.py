@@ -110,7 +110,7 @@ def test_unlabelled_folder_is_scored_against_dlib_and_counts_images_without_a_fa
 @needs_dlib
 def test_labelled_folder_is_scored_against_the_human_markup(tmp_path):
     from facemarks.core.io import ImageRecord, Face, write_dlib_xml, write_pts
-    from facemarks.data.synthetic import face_box
+    from facemarks.core.landmarks import face_box
 
     images = _write_portraits(tmp_path)
     portraits = real_photos.photo_set(None)

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from facemarks.data import local, sources, synthetic
+from facemarks.core import landmarks
+from facemarks.data import local, sources
 from facemarks.core.io import DataError, Face, ImageRecord, read_dlib_xml, write_dlib_xml, write_image, write_pts
 from facemarks.core.params import Data, Ibug300w, Local, Synthetic
 
@@ -382,7 +383,7 @@ def test_local_pts_folder_converts_one_indexed_points(tmp_path):
     got = {Path(r.file).name: r for r in read_dlib_xml(out / "train.xml") + read_dlib_xml(out / "test.xml")}
     for rec in records:
         got_pts = got[rec.file].faces[0].points
-        assert got[rec.file].faces[0].box == pytest.approx(synthetic.face_box(got_pts), abs=1e-3)
+        assert got[rec.file].faces[0].box == pytest.approx(landmarks.face_box(got_pts), abs=1e-3)
 
 
 def test_single_list_split_is_seeded_and_deterministic(tmp_path):

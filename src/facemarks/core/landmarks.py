@@ -1,4 +1,4 @@
-"""The 68-point iBUG (300-W / Multi-PIE) markup: regions, mirror permutation, normalisers.
+"""The 68-point iBUG (300-W / Multi-PIE) markup: regions, mirror permutation, normalisers, the training-box rule.
 
 Indices are 0-based. "Right" means the subject's right, which is image-left on a frontal face.
 """
@@ -52,3 +52,21 @@ def inter_pupil(points: np.ndarray) -> np.ndarray:
     right = points[..., RIGHT_EYE, :].mean(axis=-2)
     left = points[..., LEFT_EYE, :].mean(axis=-2)
     return np.linalg.norm(right - left, axis=-1)
+
+
+# The training-box rule: the face box every training face gets from its 68 points (synthetic, local, photos), and
+# the convention detector boxes are mapped onto (facemarks.serving.detect.map_box). Fitted to dlib's HOG detector on
+# the synthetic faces: centre and side relative to the landmarks' bounding box; see benchmarks/bench_synthetic.py.
+BOX_SIDE = 1.02  # side / max(landmark bbox width, height)
+BOX_DX = 0.0     # centre x offset / side (from the bbox centre)
+BOX_DY = -0.10   # centre y offset / side (positive: down)
+
+
+def face_box(points: np.ndarray) -> tuple[float, float, float, float]:
+    """Detector-like square box ``(left, top, width, height)`` (integers) from ``points (68, 2)``."""
+    lo, hi = points.min(axis=0), points.max(axis=0)
+    side = BOX_SIDE * float(max(hi - lo))
+    cx = (lo[0] + hi[0]) / 2 + BOX_DX * side
+    cy = (lo[1] + hi[1]) / 2 + BOX_DY * side
+    side = round(side)
+    return (float(round(cx - side / 2)), float(round(cy - side / 2)), float(side), float(side))

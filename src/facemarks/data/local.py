@@ -14,7 +14,7 @@ Three layouts, looked for in this order:
 - **300-W ``.pts``** files beside their images (same stem; 1-indexed points → 0-indexed).
 
 Points-only faces (CSV, ``.pts``) have no detector box: ``data.local.box`` gives it — ``training`` (default), the
-training-box rule :func:`facemarks.data.synthetic.face_box` that ``predict``'s mapped detector boxes follow, or
+training-box rule :func:`facemarks.core.landmarks.face_box` that ``predict``'s mapped detector boxes follow, or
 ``tight``, the tight box of the points ``(min x, min y, max x − min x + 1, max y − min y + 1)``.
 
 A single list is split by person group (:mod:`facemarks.data.groups`, ``data.local.group``): a group's images are all
@@ -37,7 +37,7 @@ from facemarks.data import groups
 from facemarks.core.io import IMAGE_SUFFIXES, DataError, Face, ImageRecord, read_dlib_xml, read_pts
 from facemarks.core.landmarks import N_POINTS
 from facemarks.core.params import Local, compile_rule
-from facemarks.data.synthetic import face_box
+from facemarks.core.landmarks import face_box
 from facemarks.data.validate import Items, Splits
 from facemarks.data.validate import skip_item as _skip
 
@@ -219,7 +219,7 @@ def _image_index(folder: Path) -> dict[str, list[Path]]:
 
 
 def points_box(points: np.ndarray, rule: str = "training") -> tuple[float, float, float, float]:
-    """The box of a points-only face ``points (68, 2)``: ``training`` (:func:`facemarks.data.synthetic.face_box`, the
+    """The box of a points-only face ``points (68, 2)``: ``training`` (:func:`facemarks.core.landmarks.face_box`, the
     convention ``predict`` maps detector boxes onto) or ``tight`` (:func:`tight_box`)."""
     if rule == "tight":
         return tight_box(points)

@@ -12,7 +12,7 @@ The realism choices and what each one measured are in the README ("Realism of th
 
 This module puts a face together (:func:`render_face`: geometry from :mod:`facemarks.data.face_geometry`, painting
 by :mod:`facemarks.data.face_paint`, then the box, blur and noise), writes splits (:func:`generate_split`) and
-checks them (:func:`feature_energy`, :func:`contact_sheet`); :func:`face_box` is the box rule of the XML files.
+checks them (:func:`feature_energy`, :func:`contact_sheet`); :func:`facemarks.core.landmarks.face_box` is the box rule of the XML files.
 
 Coordinates are pixels with pixel centres at integer coordinates (``docs/design.md``).
 Shape legend: ``K = 68`` landmarks; ``points (K, 2)`` ``(x, y)``; images ``(H, W, 3)`` uint8.
@@ -29,28 +29,12 @@ from scipy import ndimage
 from facemarks.data import portable
 from facemarks.core.atomic import atomic_path
 from facemarks.core.io import Face, ImageRecord, read_image, write_image
+from facemarks.core.landmarks import face_box
 from facemarks.core.params import Synthetic
 from facemarks.data.face_geometry import pose_geometry
 from facemarks.data.face_paint import Canvas, background, occlude, paint_face
 
 # ----------------------------------------------------------------------------------------------- face
-# Box calibration (fitted to dlib's HOG detector on these faces): centre and side relative to the
-# landmarks' bounding box; see benchmarks/bench_synthetic.py.
-BOX_SIDE = 1.02  # side / max(landmark bbox width, height)
-BOX_DX = 0.0     # centre x offset / side (from the bbox centre)
-BOX_DY = -0.10   # centre y offset / side (positive: down)
-
-
-def face_box(points: np.ndarray) -> tuple[float, float, float, float]:
-    """Detector-like square box ``(left, top, width, height)`` (integers) from ``points (68, 2)``."""
-    lo, hi = points.min(axis=0), points.max(axis=0)
-    side = BOX_SIDE * float(max(hi - lo))
-    cx = (lo[0] + hi[0]) / 2 + BOX_DX * side
-    cy = (lo[1] + hi[1]) / 2 + BOX_DY * side
-    side = round(side)
-    return (float(round(cx - side / 2)), float(round(cy - side / 2)), float(side), float(side))
-
-
 def render_face(rng: np.random.Generator, cfg: Synthetic) -> tuple[np.ndarray, Face]:
     """One synthetic face image: uint8 ``(H, W, 3)`` and its :class:`Face` (box, ``points (68, 2)`` float64 px)."""
     h, w = (int(v) for v in rng.integers(cfg.min_size, cfg.max_size + 1, 2))

@@ -50,7 +50,7 @@ from facemarks.serving import detect as D
 from facemarks.core.io import box_iou, read_image
 from facemarks.core.io import photo_files as list_photos
 from facemarks.serving.predict import predict_many
-from facemarks.data.synthetic import face_box
+from facemarks.core.landmarks import face_box
 
 SETTINGS = ("hog", "hog-rotate", "cnn", "auto")
 MIN_SIDE = 60.0  # px: the faces the goal counts
@@ -255,7 +255,7 @@ def marked_faces(folder: str | Path, csv_name: str = "training_frames_keypoints.
 def marked_face_report(folder: str | Path, min_side: float = MIN_SIDE, max_faces: int | None = None) -> dict[str, Any]:
     """Share of the marked faces of a keypoint folder (:func:`marked_faces`) that each setting finds: a face counts as
     found when one of the setting's mapped boxes is the same face (:func:`facemarks.serving.detect.same_face`) as the
-    box of its marked points (:func:`facemarks.data.synthetic.face_box`: the training convention the mapped boxes
+    box of its marked points (:func:`facemarks.core.landmarks.face_box`: the training convention the mapped boxes
     follow). Over every face and over
     those whose box side is ≥ ``min_side`` (the photo goal's floor; dlib's HOG at upsample 1 finds faces from about
     40 px, the CNN from about 70-80 px)."""

@@ -32,7 +32,7 @@ from facemarks.core.io import photo_files, read_dlib_xml, read_image, read_pts
 from facemarks.evaluation.peers import dlib68
 from facemarks.serving.predict import predict_many
 from facemarks.evaluation.stats import paired_comparison
-from facemarks.data.synthetic import face_box
+from facemarks.core.landmarks import face_box
 
 #: name -> loader of a bundled portrait (uint8 RGB).
 PORTRAITS = ("astronaut", "grace_hopper")
@@ -77,7 +77,7 @@ class PhotoFace:
     ``box`` is what the model is given: dlib's detector box mapped onto the training-box convention
     (:func:`facemarks.serving.detect.map_box`, exactly what ``facemarks predict`` gives the model), or, for a human-marked
     face dlib's detector misses, the box made from the markup the way training boxes are made
-    (:func:`facemarks.data.synthetic.face_box`; ``box_source`` says which). ``detector_box`` is dlib's own box (None when
+    (:func:`facemarks.core.landmarks.face_box`; ``box_source`` says which). ``detector_box`` is dlib's own box (None when
     dlib missed the face); ``points`` ``(68, 2)`` the reference (``reference``: ``human`` or ``dlib``).
     """
 

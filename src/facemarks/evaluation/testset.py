@@ -21,7 +21,7 @@ from facemarks.evaluation.metrics import crop_to_original, face_metrics, mean_sh
 from facemarks.training.model import STRIDE
 from facemarks.evaluation.peers import dlib68
 from facemarks.serving.predict import predict_many
-from facemarks.data.synthetic import face_box
+from facemarks.core.landmarks import face_box
 from facemarks.core.tracking import MODEL_HASH_TAG, file_md5, numeric_leaves, start_run, tracking_uri
 
 def evaluate_decoders(heatmaps: np.ndarray, transform: np.ndarray, gt: np.ndarray, boxes: np.ndarray,
@@ -274,7 +274,7 @@ def detection_report(model: torch.nn.Module, loss: str, records: list, raw_dir: 
     of the model predicting from the detector's mapped box vs from the true box, on the faces the detector found
     (the same face), and ``nme_ratio`` = own / true. On the astronaut photo: the same row without NME, against the
     reference box of the real-photo protocol (``portraits``: dlib's 68 points of her face made into a box the way
-    training boxes are made, :func:`facemarks.data.synthetic.face_box`; None without dlib).
+    training boxes are made, :func:`facemarks.core.landmarks.face_box`; None without dlib).
     Returns the report and the detection wall-clock (``<detector>_ms_per_image``, for timings/MLflow only).
     """
     from pathlib import Path

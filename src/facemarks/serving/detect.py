@@ -37,7 +37,7 @@ Nothing heavy is imported at module load: dlib, PIL and scikit-image are importe
 Boxes are ``(left, top, width, height)`` px, pixel centres at integer coordinates (``docs/design.md``). Every
 detector's own box (``raw_box``; for a rotated copy: the copy's box with its centre turned back into the image) is
 mapped onto the box convention the model was trained on — the XML boxes of the training data, which follow dlib's
-300-W boxes (:func:`facemarks.data.synthetic.face_box`) — by a shift and scale relative to the detector box side
+300-W boxes (:func:`facemarks.core.landmarks.face_box`) — by a shift and scale relative to the detector box side
 (:data:`BOX_MAPPING`, :func:`map_box`), per detector and sub-detector (``component``: dlib's HOG detector is 5
 filters — 0 frontal, 1 looking left, 2 looking right, 3 / 4 frontal rotated left / right — and a face turned sideways
 sits off-centre in the box of filter 1 or 2; ``hog-rotate`` has one mapping per copy angle). The constants are
