@@ -16,8 +16,11 @@ centres at integer coordinates.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import warnings
 from dataclasses import dataclass, field
+from itertools import combinations
 from pathlib import Path
 from typing import Any
 
@@ -134,8 +137,6 @@ def _dlib_faces(image: np.ndarray, digest: str, cache: Path | None) -> list[tupl
     """dlib's HOG detections (upsample 1) of one image with dlib's 68 points in each: ``[(raw box, component,
     points (68, 2), is a face)]``, best first (the last item: :func:`facemarks.serving.detect.is_face`); cached as
     ``<cache>/<sha256 of the image>-u1-v2.json`` when ``cache`` is given (a rerun then runs no dlib on that image)."""
-    import json
-
     path = None if cache is None else Path(cache) / f"{digest}-u{DLIB_UPSAMPLE}-v{CACHE_VERSION}.json"
     if path is not None and path.is_file():
         rows = json.loads(path.read_text(encoding="utf-8"))
@@ -161,8 +162,6 @@ def photo_set(folder: str | Path | None, pattern: str = "", key: str = PHOTOS_KE
     dlib's 68 points in dlib's box as the reference. Faces are ordered by file name, then left to right. ``cache``:
     a folder for dlib's results per image (:func:`_dlib_faces`), keyed by the image's SHA-256.
     """
-    import hashlib
-
     if folder:
         files = photo_files(folder, pattern, key)
         markup = human_markup(folder, files)
@@ -221,8 +220,6 @@ def photos_report(photos: PhotoSet, nme: dict[str, np.ndarray], decoders: dict[s
     """The ``photos`` block of ``metrics/eval.json``: what was scored (folder, images, faces per reference kind, box
     sources, images without a face), each loss's :func:`loss_summary` and decoder, and the paired per-face
     comparison of every pair of losses (:func:`facemarks.evaluation.stats.paired_comparison`, NME points)."""
-    from itertools import combinations
-
     kinds = [f.reference for f in photos.faces]
     report: dict[str, Any] = {
         "folder": photos.folder or "bundled portraits (astronaut, grace_hopper)",

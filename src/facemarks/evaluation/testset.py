@@ -1,12 +1,15 @@
 """Test-set scoring for the ``evaluate`` stage: every decoder in original px, the mean-shape and dlib rows, the
-heatmap round trip, the astronaut photo, face detection quality (``metrics/detect.json``) and the MLflow logging.
+heatmap round trip, the astronaut figure's numbers (from :mod:`facemarks.evaluation.real_photos`), face detection
+quality (``metrics/detect.json``) and the MLflow logging.
 
 Shapes: ``N`` test faces, ``K = 68``; heatmaps ``(N, K, h, w)``, points ``(N, K, 2)`` original px, transforms
 ``(N, 3, 3)`` original px → crop px, boxes ``(N, 4)`` ``(left, top, width, height)`` px, per-face NME ``(N,)``.
 """
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -57,8 +60,6 @@ def raw_sources(meta: dict[str, Any], boxes: np.ndarray, records: list) -> list[
 
 def dlib_predictions(raw_dir: str, files: list[str], boxes: np.ndarray) -> tuple[np.ndarray, float]:
     """dlib's 68-point predictor on the original images with the true boxes: points ``(N, K, 2)`` px, ms/face."""
-    from pathlib import Path
-
     predictor = dlib68()
     points, elapsed = [], 0.0
     for file, box in zip(files, np.asarray(boxes, np.float64)):
@@ -92,9 +93,6 @@ def train_run_id(loss: str, metrics_dir: str = "metrics", experiment: str | None
     """The MLflow run of ``train@<loss>``: the ``run_id`` in ``metrics/train_<loss>.json`` when the store has it
     (older outputs), else the run tagged ``facemarks.model_md5`` = md5 of ``models/<loss>/model.pt`` beside
     ``metrics_dir``, else the latest run tagged ``loss = <loss>`` and ``dvc.stage = train``; None if none exists."""
-    import json
-    from pathlib import Path
-
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri())
@@ -175,8 +173,6 @@ def roundtrip_summary(split: Any, sigma: float) -> dict[str, float]:
 def dlib_row(split: Any, raw_dir: str, threshold: float) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """The ``dlib68`` evaluation row on a split's original images (``raw_dir/test.xml`` resolves files when the split
     meta lacks them): row (with ``ms_per_face``), points ``(N, K, 2)`` original px, per-face NME ``(N,)``."""
-    from pathlib import Path
-
     boxes = np.asarray(split.boxes, np.float64)
     records = []
     if len(split.meta.get("files", [])) != len(boxes):
@@ -277,8 +273,6 @@ def detection_report(model: torch.nn.Module, loss: str, records: list, raw_dir: 
     training boxes are made, :func:`facemarks.core.landmarks.face_box`; None without dlib).
     Returns the report and the detection wall-clock (``<detector>_ms_per_image``, for timings/MLflow only).
     """
-    from pathlib import Path
-
     detectors = ("dlib", "cascade") if dlib_available() else ("cascade",)
     recs = list(records)[:max_images]
     images = [read_image(Path(raw_dir) / r.file) for r in recs]
