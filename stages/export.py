@@ -27,10 +27,9 @@ from facemarks.core.tracking import start_run
 def photo_items(params) -> tuple[list | None, str]:
     """``(image, box, reference points)`` of every face of ``evaluate.photos`` (:func:`facemarks.evaluation.real_photos.photo_set`)
     for the int8 guard, and a one-line description; None when dlib is not there to give boxes and references."""
-    if not params.evaluate.peers or not peers.available():
-        return None, "no real photos (" + ("evaluate.peers is false" if not params.evaluate.peers
-                                           else peers.unavailable_reason()) + ")"
     ev = params.evaluate
+    if (why := peers.notice(ev.peers)) is not None:
+        return None, f"no real photos ({why})"
     photos = real_photos.photo_set(ev.photos, ev.photos_glob, cache=real_photos.PHOTO_CACHE)
     items = [(photos.images[f.file], f.box, f.points) for f in photos.faces]
     return items or None, f"{len(items)} real-photo faces of {ev.photos or 'the bundled portraits'}"

@@ -17,6 +17,7 @@ def test_unavailable_without_dlib(monkeypatch):
     monkeypatch.setitem(sys.modules, "dlib", None)  # makes `import dlib` raise ImportError
     assert peers.available() is False
     assert "dlib" in peers.unavailable_reason()
+    assert peers.notice() == peers.unavailable_reason() and peers.notice(False) == "evaluate.peers is false"
     with pytest.raises(RuntimeError, match="unavailable"):
         peers.Dlib68()
 

@@ -72,13 +72,6 @@ class Outputs:
     detect_timing: dict[str, float]
 
 
-def peers_notice(wanted: bool) -> str | None:
-    """None when dlib's rows can run, else the one-line reason they are skipped."""
-    if not wanted:
-        return "evaluate.peers is false"
-    return None if peers.available() else peers.unavailable_reason()
-
-
 def preflight(ev: Evaluate, raw: str = "data/raw") -> None:
     """Before any work: the real-photo folder exists, holds images (narrowed by ``evaluate.photos_glob``), and none of
     them is a training photo (:class:`facemarks.core.io.PhotosError` / :class:`facemarks.core.io.DataError`)."""
@@ -104,7 +97,7 @@ def evaluate(params: Params, device: torch.device) -> Outputs:
         report[loss].update(onnx_ms_per_face_b1=time_per_face(onnx, timed, loss, sigma, best, 1),
                             onnx_ms_per_face_batched=time_per_face(onnx, timed, loss, sigma, best, ev.batch_size))
     report["mean_shape"], arrays["nme_mean_shape"] = testset.baseline_rows(train, test, ev.threshold)
-    notice = peers_notice(ev.peers)
+    notice = peers.notice(ev.peers)
     if notice is None:
         report["dlib68"], arrays["points_dlib68"], arrays["nme_dlib68"] = testset.dlib_row(test, "data/raw",
                                                                                            ev.threshold)

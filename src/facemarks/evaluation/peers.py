@@ -42,6 +42,14 @@ def available() -> bool:
     return unavailable_reason() == ""
 
 
+def notice(wanted: bool = True) -> str | None:
+    """None when dlib's rows can run (``wanted``: ``evaluate.peers``), else the one-line reason they are skipped;
+    the evaluate stage's dlib rows and the export stage's real-photo guard ask the same question."""
+    if not wanted:
+        return "evaluate.peers is false"
+    return None if available() else unavailable_reason()
+
+
 def _rect(box):
     left, top, w, h = (int(round(v)) for v in box)
     return extras.dlib().rectangle(left, top, left + w - 1, top + h - 1)
