@@ -10,6 +10,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+#: The suite runs on 2 pytest-xdist workers (``addopts`` in pyproject.toml), one core each: torch / OpenMP get one
+#: thread per test process there (two would make every parallel region wait for a core the other worker holds);
+#: two threads when the suite runs in one process (``-n 0``).
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = 1 if WORKERS > 1 else 2
+os.environ["OMP_NUM_THREADS"] = str(THREADS)  # before anything imports torch in this process
+#: Tests sharing a session fixture run on one worker, so each such fixture is built once: the groups below, heaviest
+#: first (the scheduler hands them out in this order); every other test stays with its module (module fixtures).
+SHARED_GROUPS = (("team", {"team_repo", "mlflow_server"}), ("tiny", {"tiny_repo"}))
 STAGE_FILES = ("dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", ".gitignore")
 
 
@@ -33,7 +42,7 @@ def pipeline_env(repo: Path) -> dict[str, str]:
     env["PYTHONPATH"] = str(ROOT / "src")
     env["GIT_AUTHOR_NAME"] = env["GIT_COMMITTER_NAME"] = "facemarks-tests"
     env["GIT_AUTHOR_EMAIL"] = env["GIT_COMMITTER_EMAIL"] = "tests@facemarks.invalid"
-    env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "2")
+    env["OMP_NUM_THREADS"] = str(THREADS)
     return env
 
 
@@ -58,6 +67,24 @@ def make_repo(dest: Path, preset: str | None = "tiny") -> Path:
     sh(dest, "git", "add", "-A")
     sh(dest, "git", "commit", "-qm", "init")
     return dest
+
+
+def xdist_group(item: pytest.Item) -> str:
+    """The work unit of ``item`` for ``--dist loadgroup``: the first of :data:`SHARED_GROUPS` whose fixtures it uses
+    (directly or through another fixture), else its module."""
+    used = set(getattr(item, "fixturenames", ()))
+    return next((name for name, fixtures in SHARED_GROUPS if used & fixtures), item.nodeid.split("::")[0])
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks
+def pytest_collection_modifyitems(config, items):
+    """Mark every test with its :func:`xdist_group` and put the shared groups first, in :data:`SHARED_GROUPS` order
+    (the longest units start first; the order of tests within a module is kept)."""
+    rank = {name: i for i, (name, _) in enumerate(SHARED_GROUPS)}
+    groups = {item.nodeid: xdist_group(item) for item in items}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(groups[item.nodeid]))
+    items.sort(key=lambda item: rank.get(groups[item.nodeid], len(rank)))
 
 
 @pytest.fixture(autouse=True)

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from skimage.draw import disk
 
+from conftest import THREADS
+
 from facemarks.augmentation.augment import (augment_matrix, build_splits, contact_sheet, make_sample, make_samples, run_augment,
                                sample_rng, split_val, write_contact_sheet)
 from facemarks.augmentation.crops import apply_transform, crop_transform, face_crop, invert_points, warp_gray
@@ -291,7 +293,7 @@ def test_stage_script_writes_outputs(tmp_path):
     make_raw(tmp_path / "data" / "raw", n_train=4, n_test=2)
     params = (ROOT / "params.yaml").read_text()
     (tmp_path / "params.yaml").write_text(params.replace("  size: 128", "  size: 32"))
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": str(THREADS)}
     proc = subprocess.run([sys.executable, str(ROOT / "stages" / "augment.py")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -15,6 +15,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import THREADS
+
 from facemarks.heatmaps import codec
 from facemarks.heatmaps.codec import DECODERS, HeatmapCodec, decode, encode, in_map, to_input, to_map
 
@@ -306,7 +308,7 @@ def test_encode_stage_writes_heatmaps_roundtrip_json_and_an_mlflow_run(tmp_path)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     shutil.copy(ROOT / "stages" / "encode.py", tmp_path / "encode.py")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": str(THREADS)}
     proc = subprocess.run([sys.executable, "encode.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -414,6 +414,33 @@ def test_auto_backend_takes_int8_only_when_its_guard_passed_and_it_matches_the_m
         load_predictor(choice, "int8", exports)
 
 
+def test_int8_with_8_bit_weights_is_not_served_on_a_cpu_without_vnni(tmp_path, int8_layout, crops, monkeypatch):
+    """An int8 file's guard holds where its products do not saturate: 8-bit weights exported on a VNNI CPU (a
+    colleague's export, pulled from the DVC remote) fall back to fp32 on a CPU without VNNI; 7-bit weights are
+    served on both."""
+    import shutil
+
+    from facemarks.serving.predict import ModelChoice, load_predictor
+
+    root = tmp_path / "layout"
+    shutil.copytree(int8_layout["root"], root)
+    exports, int8 = root / "exports", root / "exports/mse/model.int8.onnx"
+    choice = ModelChoice(root / "models/mse/model.pt", "mse", "test")
+    vnni, plain = frozenset({"avx2", "fma", "avx512_vnni"}), frozenset({"avx2", "fma"})
+    for weights, served_without_vnni in (("full", False), ("reduced", True)):
+        monkeypatch.setattr(cpuinfo, "flags", lambda: vnni)  # quantised and checked on a VNNI CPU
+        export.quantize_int8(root / "exports/mse/model.onnx", int8, crops, weights=weights)
+        export.record_int8_check(int8, export.int8_verdict({"test": {"max_nme_delta": 0.0}}, tolerance=0.1))
+        assert load_predictor(choice, "auto", exports, decoder="dark")[1] == "onnx-int8"
+        monkeypatch.setattr(cpuinfo, "flags", lambda: plain)  # the same files on a CPU without VNNI
+        _, backend, why = load_predictor(choice, "auto", exports, decoder="dark")
+        assert OnnxHeatmaps(int8).saturates_here is not served_without_vnni
+        assert OnnxHeatmaps(int8).int8_passed_for("dark") is served_without_vnni
+        assert backend == ("onnx-int8" if served_without_vnni else "onnx"), why
+        if not served_without_vnni:
+            assert "8-bit weights, which saturate on this CPU without VNNI" in why
+
+
 def test_cli_predict_backend_onnx_int8(tmp_path, monkeypatch, int8_layout, capsys):
     import shutil
 
@@ -434,3 +461,25 @@ def test_cli_predict_backend_onnx_int8(tmp_path, monkeypatch, int8_layout, capsy
     points = [np.asarray(docs[b]["faces"][0]["points"]) for b in ("onnx-int8", "auto", "onnx")]
     assert all(p.shape == (68, 2) and np.isfinite(p).all() for p in points)
     assert (points[0] == points[1]).all() and (points[0] != points[2]).any()  # auto ran the int8 file, not fp32
+
+
+def test_the_onednn_isa_cap_turns_native_bf16_off_and_narrows_the_peak(monkeypatch):
+    """Under ``ONEDNN_MAX_CPU_ISA=AVX2`` a CPU with AMX trains as an AVX2 CPU would: no bf16 autocast, an 8-lane fp32
+    peak, and the cap recorded beside any number measured under it; int8's VNNI follows the hardware."""
+    from facemarks.training.precision import amp_active
+
+    monkeypatch.setattr(cpuinfo, "flags", lambda: frozenset({"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16",
+                                                             "amx_bf16", "amx_int8"}))
+    for var in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"):
+        monkeypatch.delenv(var, raising=False)
+    assert cpuinfo.has_native_bf16() and amp_active(torch.device("cpu"), True) and "isa_cap" not in cpuinfo.describe()
+    assert cpuinfo.peak_gflops(2, 2.0) == 2 * 2.0 * 64 and cpuinfo.peak_gflops(2, 2.0, bf16_amx=True) == 2 * 2.0 * 2048
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert not cpuinfo.has_native_bf16() and not amp_active(torch.device("cpu"), True) and cpuinfo.has_vnni()
+    assert cpuinfo.peak_gflops(2, 2.0) == cpuinfo.peak_gflops(2, 2.0, bf16_amx=True) == 2 * 2.0 * 32
+    assert cpuinfo.describe()["isa_cap"] == {"onednn": "AVX2", "aten": "avx2"}
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI")  # AVX-512 without its bf16 instructions
+    assert not cpuinfo.has_native_bf16() and cpuinfo.peak_gflops(2, 2.0) == 2 * 2.0 * 64
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "ALL")
+    assert cpuinfo.has_native_bf16()

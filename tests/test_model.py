@@ -10,12 +10,14 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import THREADS
+
 from facemarks.training import model as M
 
 
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     torch.manual_seed(0)
 
 

@@ -22,6 +22,8 @@ import torch
 import yaml
 from torch import nn
 
+from conftest import THREADS
+
 from facemarks.training import train as T
 from facemarks.training import validation as V
 from facemarks.training.checkpoint import load_checkpoint
@@ -36,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(THREADS)
 
 
 # ------------------------------------------------------------------------------------------------ tiny data

@@ -134,6 +134,8 @@ def load_predictor(choice: ModelChoice, backend: str = "auto", exports_dir: str 
         runtime = OnnxHeatmaps(twin8)
         if not _exported_from(runtime, choice.path):
             notes.append(f"{twin8} was not exported from {choice.path}")
+        elif runtime.saturates_here:
+            notes.append(f"{twin8} has 8-bit weights, which saturate on this CPU without VNNI (docs/deploy.md)")
         elif not runtime.int8_passed_for(decoder):
             notes.append(f"{twin8} did not pass its accuracy guard (metrics/export.json)")
         else:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from facemarks.core import extras
+from facemarks.core import cpuinfo, extras
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "heatmaps"
@@ -100,15 +100,23 @@ class OnnxHeatmaps:
         return "int8" if self.metadata.get("precision") == "int8" else "fp32"
 
     @property
+    def saturates_here(self) -> bool:
+        """True for an int8 file with full-range 8-bit weights (metadata ``weights`` = ``full``) on a CPU without VNNI
+        (:func:`facemarks.core.cpuinfo.has_vnni`): its u8 x s8 products saturate here, so a guard that passed on the
+        exporting CPU says nothing about this one (``docs/deploy.md``). 7-bit weights never saturate."""
+        return self.precision == "int8" and self.metadata.get("weights") == "full" and not cpuinfo.has_vnni()
+
+    @property
     def int8_passed(self) -> bool:
         """True for an int8 file whose accuracy guard passed (metadata ``int8_check`` = ``passed``, written by the
-        export stage after comparing it with its fp32 twin); False for fp32 files, failed or unchecked int8 ones."""
-        return self.precision == "int8" and self.metadata.get("int8_check") == "passed"
+        export stage after comparing it with its fp32 twin) and that runs here as it ran there (not
+        :attr:`saturates_here`); False for fp32 files, failed or unchecked int8 ones."""
+        return self.precision == "int8" and self.metadata.get("int8_check") == "passed" and not self.saturates_here
 
     def int8_passed_for(self, decoder: str | None = None) -> bool:
         """:attr:`int8_passed`, or — for one ``decoder`` — True when the guard passed for that decoder (metadata
         ``int8_decoders_passed``: the decoders int8 kept within the tolerance on every check)."""
-        if self.int8_passed or decoder is None or self.precision != "int8":
+        if self.int8_passed or decoder is None or self.precision != "int8" or self.saturates_here:
             return self.int8_passed
         return decoder in self.metadata.get("int8_decoders_passed", "").split(",")
 
