@@ -11,8 +11,9 @@ read here). Prints a table, writes ``metrics/bench_train.json`` (a benchmark fil
 
     python benchmarks/bench_train.py [--size 96] [--batch 32] [--batches 8] [--rounds 2] [--levers all]
 
-Levers (``--levers`` picks some): ``current`` (what ``fit`` runs on this CPU: fp32, or bf16 autocast where the CPU
-has native bf16), ``fp32`` (autocast off), ``bf16`` (autocast on, even where emulated), ``channels_last`` (fp32),
+Levers (``--levers`` picks some): ``current`` (what ``fit`` runs on this CPU: channels-last layout,
+``facemarks.training.precision.memory_format``, with fp32, or bf16 autocast where the CPU has native bf16), ``fp32``
+(autocast off, default layout), ``bf16`` (autocast on, even where emulated), ``channels_last`` (fp32),
 ``bf16+channels_last``, ``nondeterministic`` (fp32 without ``torch.use_deterministic_algorithms``), ``threads1``
 (fp32, one intra-op thread), ``workers1`` (full loop, one loader process). ``torch.compile`` is not a lever here:
 measured once on this machine it compiled for minutes and then ran slower than eager (docs/experiments.md).
@@ -35,6 +36,7 @@ from facemarks.training.data import SplitArrays, load_data, make_loader
 from facemarks.core.atomic import atomic_write_json
 from facemarks.heatmaps.codec import HeatmapCodec
 from facemarks.training.model import build_model, heatmap_loss
+from facemarks.training.precision import memory_format
 from facemarks.core.store import write_split
 
 LEVERS = ("current", "fp32", "bf16", "channels_last", "bf16+channels_last", "nondeterministic", "threads1",
@@ -80,7 +82,7 @@ def lever_setup(lever: str) -> dict:
     native = cpuinfo.has_native_bf16()
     return {"amp": {"current": native, "bf16": True, "bf16+channels_last": True}.get(lever, False),
             "force_amp": lever in ("bf16", "bf16+channels_last"),
-            "channels_last": "channels_last" in lever, "deterministic": lever != "nondeterministic",
+            "channels_last": "channels_last" in lever or lever == "current", "deterministic": lever != "nondeterministic",
             "threads": 1 if lever == "threads1" else None}
 
 
@@ -113,7 +115,7 @@ def model_alone(lever: str, size: int, batch: int, batches: int, head_width: int
 def full_loop(split: SplitArrays, batch: int, head_width: int, loss: str, workers: int) -> float:
     """Images/s of one ``train_one_epoch`` over the memory-mapped split as ``fit`` runs it on this CPU (first batch
     excluded as warm-up)."""
-    net, opt = _model(head_width)
+    net, opt = _model(head_width, channels_last=memory_format(CPU) == torch.channels_last)
     loader = make_loader(split, batch, seed=0, workers=workers)
     loader.sampler.sampler.set_epoch(0)
     stamps: list[float] = []

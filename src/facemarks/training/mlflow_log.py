@@ -73,7 +73,7 @@ def log_mlflow(result: FitResult) -> None:
     mlflow.log_figure(fig, f"loss_curves_{result.loss}.png")
     plt.close(fig)
 
-    model = result.model.to("cpu").eval()
+    model = result.model.to("cpu", memory_format=torch.contiguous_format).eval()  # as saved: no training layout
     example = np.zeros((2, 1, s["input_size"], s["input_size"]), np.float32)  # batch 2: the batch axis stays free
     reqs = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
     meta = {"facemarks": {"loss": result.loss, "input_size": s["input_size"], "heatmap_size": s["heatmap_size"],

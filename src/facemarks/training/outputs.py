@@ -30,12 +30,13 @@ def timings(result: FitResult) -> dict[str, Any]:
 
 
 def save_state_dict(model: nn.Module, path: str | Path) -> Path:
-    """``torch.save`` of the CPU state dict: the same weights give the same bytes (``models/<loss>/model.pt``).
+    """``torch.save`` of the CPU state dict, contiguous (whatever layout training kept): the same weights give the same
+    bytes (``models/<loss>/model.pt``).
 
     Saved through a file object: given a path, ``torch.save`` names the archive's folder after the file, and an
     atomic write's random temporary name would make every save differ (and ``dvc.lock`` with it)."""
     with open(path, "wb") as f:
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, f)
+        torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, f)
     return Path(path)
 
 

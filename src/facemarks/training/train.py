@@ -38,7 +38,7 @@ from facemarks.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save
 from facemarks.training.data import TrainData, make_loader, target_prior
 from facemarks.training.distributed import all_reduce, rank_world
 from facemarks.training.model import LOSSES, STRIDE, HeatmapNet, build_model, heatmap_loss
-from facemarks.training.precision import amp_active, autocast
+from facemarks.training.precision import amp_active, autocast, memory_format
 from facemarks.training.validation import COLLAPSE_RATIO, WEAK_PEAK_RATIO, is_collapse, mean_shape_nme, validate
 
 log = logging.getLogger("facemarks.training.train")
@@ -245,7 +245,7 @@ def _fit(cfg, data, loss, checkpoint_dir, device, on_epoch, run_id, rank, world,
     model = build_model(data.num_keypoints, cfg.head_width, cfg.dropout, cfg.pretrained and rank == 0, prior)
     if init is not None:
         model.load_state_dict(init)
-    model = model.to(device)
+    model = model.to(device, memory_format=memory_format(device))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     milestones = [cfg.epochs_phase1] if cfg.epochs_phase2 else []
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.lr_drop)
