@@ -76,15 +76,17 @@ def xdist_group(item: pytest.Item) -> str:
     return next((name for name, fixtures in SHARED_GROUPS if used & fixtures), item.nodeid.split("::")[0])
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks
+def pytest_itemcollected(item):
+    """Mark every test with its :func:`xdist_group` as it is collected, before any ``collection_modifyitems`` hook
+    (xdist's turns the mark into the work unit there)."""
+    item.add_marker(pytest.mark.xdist_group(xdist_group(item)))
+
+
 def pytest_collection_modifyitems(config, items):
-    """Mark every test with its :func:`xdist_group` and put the shared groups first, in :data:`SHARED_GROUPS` order
-    (the longest units start first; the order of tests within a module is kept)."""
+    """Put the shared groups first, in :data:`SHARED_GROUPS` order (the longest units start first; the order of the
+    tests within a module is kept)."""
     rank = {name: i for i, (name, _) in enumerate(SHARED_GROUPS)}
-    groups = {item.nodeid: xdist_group(item) for item in items}
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(groups[item.nodeid]))
-    items.sort(key=lambda item: rank.get(groups[item.nodeid], len(rank)))
+    items.sort(key=lambda item: rank.get(item.get_closest_marker("xdist_group").args[0], len(rank)))
 
 
 @pytest.fixture(autouse=True)
