@@ -82,11 +82,18 @@ def pytest_itemcollected(item):
     item.add_marker(pytest.mark.xdist_group(xdist_group(item)))
 
 
+@pytest.hookimpl(trylast=True)  # after xdist's own hook, which renames each test to ``<id>@<group>``
 def pytest_collection_modifyitems(config, items):
     """Put the shared groups first, in :data:`SHARED_GROUPS` order (the longest units start first; the order of the
-    tests within a module is kept)."""
+    tests within a module is kept). On an xdist worker, stop at once when xdist's rename did not take (it did not
+    under pytest 9): the groups would be ignored and a shared fixture built, and a module's state split, twice."""
     rank = {name: i for i, (name, _) in enumerate(SHARED_GROUPS)}
     items.sort(key=lambda item: rank.get(item.get_closest_marker("xdist_group").args[0], len(rank)))
+    if getattr(config.option, "loadgroup", False):
+        lost = [item.nodeid for item in items if "@" not in item.nodeid.rpartition("]")[2]]
+        if lost:
+            raise pytest.UsageError(f"pytest-xdist --dist loadgroup did not group {len(lost)} tests (e.g. {lost[0]}): "
+                                    "this pytest version keeps test ids where xdist cannot rename them")
 
 
 @pytest.fixture(autouse=True)
