@@ -79,10 +79,11 @@ def _batch(size: int, batch: int, channels_last: bool = False):
 
 def lever_setup(lever: str) -> dict:
     """How ``lever`` runs a step: autocast flag, memory format, determinism, threads."""
-    native = cpuinfo.has_native_bf16()
+    native, fit_layout = cpuinfo.has_native_bf16(), memory_format(CPU) == torch.channels_last
     return {"amp": {"current": native, "bf16": True, "bf16+channels_last": True}.get(lever, False),
             "force_amp": lever in ("bf16", "bf16+channels_last"),
-            "channels_last": "channels_last" in lever or lever == "current", "deterministic": lever != "nondeterministic",
+            "channels_last": "channels_last" in lever or (lever == "current" and fit_layout),
+            "deterministic": lever != "nondeterministic",
             "threads": 1 if lever == "threads1" else None}
 
 
