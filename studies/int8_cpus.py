@@ -255,7 +255,8 @@ def exports_md5(workspace: Path) -> str | None:
 def stage_agreement(workspace: Path, rows: list[dict]) -> dict[str, dict]:
     """Per loss, the native row of the weight range the workspace's export stage chose, against that stage's own guard
     (``metrics/export.json`` ``<loss>.int8``): the largest difference of any ``nme_delta`` (check x decoder), which is
-    0 when this study quantises and checks as the stage did."""
+    0 when this study quantises and checks as the stage did. Only checks over the same faces compare (a ``--faces``
+    subset of the test split is a different mean); the others are listed under ``skipped`` with both face counts."""
     path = workspace / "metrics" / "export.json"
     report = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     out = {}
@@ -263,9 +264,14 @@ def stage_agreement(workspace: Path, rows: list[dict]) -> dict[str, dict]:
         q = report.get(r["loss"], {}).get("int8")
         if r["machine"] != NATIVE or not q or q.get("weights") != r["weights"]:
             continue
-        diffs = [abs(r["checks"][c]["nme_delta"][d] - v) for c, check in q["checks"].items() if c in r["checks"]
-                 for d, v in check["nme_delta"].items()]
-        out[r["loss"]] = {"weights": r["weights"], "max_abs_difference": max(diffs, default=float("nan"))}
+        shared = [c for c in q["checks"] if c in r["checks"]]
+        same = [c for c in shared if q["checks"][c].get("n_faces") == r["checks"][c].get("n_faces")]
+        diffs = [abs(r["checks"][c]["nme_delta"][d] - v) for c in same for d, v in q["checks"][c]["nme_delta"].items()]
+        out[r["loss"]] = {"weights": r["weights"], "checks": same,
+                          "max_abs_difference": max(diffs) if diffs else None,
+                          "skipped": {c: {"study_faces": r["checks"][c].get("n_faces"),
+                                          "stage_faces": q["checks"][c].get("n_faces")}
+                                      for c in shared if c not in same}}
     return out
 
 
@@ -418,8 +424,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{d['machine']} vs native, {d['loss']} {d['model']}: max |heatmap diff| {d['max_abs_heatmap_diff']:.3g}, "
               f"{100 * d['share_of_values_differing']:.1f} % of values differ")
     for loss, a in doc["stage_agreement"].items():
-        print(f"native {loss} {a['weights']} vs the export stage's own guard (metrics/export.json): largest NME-delta "
-              f"difference {a['max_abs_difference']:.3g}")
+        same = (f"largest NME-delta difference {a['max_abs_difference']:.3g} ({', '.join(a['checks'])})"
+                if a["checks"] else "no check over the same faces")
+        skipped = "".join(f"; {c} not compared ({s['study_faces']} faces here, {s['stage_faces']} in the stage)"
+                          for c, s in a["skipped"].items())
+        print(f"native {loss} {a['weights']} vs the export stage's own guard (metrics/export.json): {same}{skipped}")
     atomic_write_json(args.out, doc)
     print(f"int8_cpus: wrote {args.out}")
     return 0

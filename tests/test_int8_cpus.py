@@ -197,3 +197,23 @@ def test_the_worker_mode_is_runnable_as_a_script(models, crops, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout)["emulated_as"] == "x"
     assert np.load(tmp_path / "h.npy").shape == (2, 68, SIZE // 4, SIZE // 4)
+
+
+def test_stage_agreement_compares_only_checks_over_the_same_faces(tmp_path):
+    """A ``--faces`` subset of the test split is another mean than the stage's full split: not compared, listed."""
+    def check(n, delta):
+        return {"n_faces": n, "nme_delta": {"dark": delta, "argmax": 2 * delta}}
+
+    (tmp_path / "metrics").mkdir()
+    stage = {"mse": {"int8": {"weights": "full", "checks": {"test": check(300, 0.02), "photos": check(2, 0.05)}}}}
+    (tmp_path / "metrics" / "export.json").write_text(json.dumps(stage), encoding="utf-8")
+    rows = [{"machine": "native", "loss": "mse", "weights": "full", "checks": {"test": check(64, 0.09),
+                                                                              "photos": check(2, 0.04)}},
+            {"machine": "native", "loss": "mse", "weights": "reduced", "checks": {"test": check(300, 0.5)}},
+            {"machine": "EPYC-Rome", "loss": "mse", "weights": "full", "checks": {"test": check(300, 0.5)}}]
+    got = study.stage_agreement(tmp_path, rows)
+    assert set(got) == {"mse"} and got["mse"]["checks"] == ["photos"]
+    assert got["mse"]["max_abs_difference"] == pytest.approx(0.02)  # argmax: |0.08 - 0.10|
+    assert got["mse"]["skipped"] == {"test": {"study_faces": 64, "stage_faces": 300}}
+    rows[0]["checks"]["photos"] = check(3, 0.04)
+    assert study.stage_agreement(tmp_path, rows)["mse"]["max_abs_difference"] is None
