@@ -20,23 +20,9 @@ import os
 import sys
 from pathlib import Path
 
+from facemarks.core import cpuinfo
 from facemarks.core.atomic import atomic_write_json
 from facemarks.evaluation.detect_eval import HALVES, SETTINGS, marked_face_report, photo_report
-
-SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "amx_tile")
-
-
-def cpu_info(path: str = "/proc/cpuinfo") -> dict:
-    """The CPU's model name and which of :data:`SIMD_FLAGS` its flags list (empty where there is no /proc/cpuinfo)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return {"model": None, "simd_flags": []}
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    flags = set(fields.get("flags", "").split())
-    return {"model": fields.get("model name"), "simd_flags": [f for f in SIMD_FLAGS if f in flags]}
-
 
 
 def details_to_json(details: dict) -> str:
@@ -103,7 +89,7 @@ def main() -> int:
     if replay:  # the times are the earlier run's, and so is the load they were measured under
         load_before, load_after = replay["load_average_before"], replay["load_average_after"]
     faces = marked_face_report(args.faces) if args.faces and Path(args.faces).is_dir() else None
-    cpu = cpu_info()
+    cpu = cpuinfo.describe()
     atomic_write_json(args.out, {"halves": {h: {"report": r, "timing": t} for h, (r, t) in halves.items()},
                                  "marked_faces": faces, "landmark_model": why,
                                  "times_from": f"replay of {Path(args.replay).name}" if replay else "this run",

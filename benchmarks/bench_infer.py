@@ -54,6 +54,7 @@ import torch
 
 from facemarks.serving import detect as detection
 from facemarks.evaluation import peers
+from facemarks.core import cpuinfo
 from facemarks.core.atomic import atomic_write_json
 from facemarks.augmentation.crops import face_crop, invert_points
 from facemarks.serving.export import QUANT_FORMATS, calibration_sample, export_onnx, quantize_int8
@@ -397,7 +398,7 @@ def main() -> None:
             dlib is None or goal_int8 < best["dlib"])),
         "goal_whole_photo_ratio": GOAL_WHOLE_RATIO, "int8_b1_default_threads": int8_b1,
         "load_average_1min": [load_before[0], load_after[0]],
-        "rounds_ms": rounds, "machine": platform.machine(), "cpu_count": os.cpu_count(),
+        "rounds_ms": rounds, "machine": platform.machine(), "processor": cpuinfo.describe(), "cpu_count": os.cpu_count(),
         "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
     })
 

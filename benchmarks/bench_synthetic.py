@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from facemarks.core import cpuinfo
 from facemarks.core.atomic import atomic_write_json
 from facemarks.core.params import Synthetic
 from facemarks.data.synthetic import generate_split, render_face
@@ -89,6 +90,7 @@ def main() -> None:
         else:
             result["realism"] = None
             print(f"realism skipped: {peers.unavailable_reason()}")
+    result["processor"] = cpuinfo.describe()
     atomic_write_json(args.out, result)
 
 
