@@ -50,7 +50,7 @@ MLFLOW_NAME = "onnx_model"  # the ONNX model's name in the train run, beside the
 # Points are compared only on peaked maps (:func:`peaked`): on a flat map (an untrained or collapsed model) every
 # decoder is ill-conditioned, and two backends whose heatmaps agree to 1e-7 can decode points pixels apart.
 PEAK_CONTRAST = 0.1  # max - median of the map, in target units (targets peak at 1)
-PEAK_MARGIN = 10 * HEATMAP_TOLERANCE  # the max beats every value outside its 3 x 3 neighbourhood by this
+PEAK_MARGIN = 10 * HEATMAP_TOLERANCE  # the max beats every other value (its neighbours too) by this
 
 
 class ParityError(RuntimeError):
@@ -117,8 +117,10 @@ def export_onnx(model: HeatmapNet, loss: str, path: str | Path, input_size: int,
 
 def peaked(heatmaps: np.ndarray) -> np.ndarray:
     """bool ``(N, K)``: the map ``(h, w)`` has one clear peak, i.e. ``max - median >= PEAK_CONTRAST``, the max
-    exceeds every value outside its 3 x 3 neighbourhood by at least :data:`PEAK_MARGIN`, and its right / left and
-    down / up neighbours differ by at least :data:`PEAK_MARGIN` (the direction of a quarter-pixel step)."""
+    exceeds every other value, its 8 neighbours included, by at least :data:`PEAK_MARGIN` (a max tied with a
+    neighbour moves argmax, and every decoder that starts from it, by a whole map cell on rounding alone), and its
+    right / left and down / up neighbours differ by at least :data:`PEAK_MARGIN` (the direction of a quarter-pixel
+    step)."""
     n, k, h, w = heatmaps.shape
     flat = np.asarray(heatmaps, np.float64).reshape(n, k, h * w)
     top = flat.max(-1)
@@ -127,6 +129,7 @@ def peaked(heatmaps: np.ndarray) -> np.ndarray:
     yy, xx = np.divmod(np.arange(h * w), w)  # (h*w,)
     near = (np.abs(yy - iy[..., None]) <= 1) & (np.abs(xx - ix[..., None]) <= 1)  # (N, K, h*w)
     rival = np.where(near, -np.inf, flat).max(-1)
+    beside = np.where(near & ((yy != iy[..., None]) | (xx != ix[..., None])), flat, -np.inf).max(-1)
     # the quarter-pixel step of argmax_quarter goes toward the higher neighbour: a near tie (right vs left, down vs
     # up) flips it by half a map cell on rounding alone, so such a map has no unambiguous discrete answer
     grid = np.pad(np.asarray(heatmaps, np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=-np.inf)
@@ -137,7 +140,7 @@ def peaked(heatmaps: np.ndarray) -> np.ndarray:
     for a, b in steps:
         with np.errstate(invalid="ignore"):
             clear &= ~np.isfinite(a - b) | (np.abs(a - b) >= PEAK_MARGIN)
-    return (contrast >= PEAK_CONTRAST) & (top - rival >= PEAK_MARGIN) & clear
+    return (contrast >= PEAK_CONTRAST) & (top - np.maximum(rival, beside) >= PEAK_MARGIN) & clear
 
 
 def parity(model: HeatmapNet, loss: str, runtime: OnnxHeatmaps, images: np.ndarray, sigma: float,
