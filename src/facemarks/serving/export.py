@@ -127,9 +127,7 @@ def peaked(heatmaps: np.ndarray) -> np.ndarray:
     contrast = top - np.median(flat, -1)
     iy, ix = np.divmod(flat.argmax(-1), w)  # (N, K)
     yy, xx = np.divmod(np.arange(h * w), w)  # (h*w,)
-    near = (np.abs(yy - iy[..., None]) <= 1) & (np.abs(xx - ix[..., None]) <= 1)  # (N, K, h*w)
-    rival = np.where(near, -np.inf, flat).max(-1)
-    beside = np.where(near & ((yy != iy[..., None]) | (xx != ix[..., None])), flat, -np.inf).max(-1)
+    second = np.where((yy == iy[..., None]) & (xx == ix[..., None]), -np.inf, flat).max(-1)  # (N, K): any other value
     # the quarter-pixel step of argmax_quarter goes toward the higher neighbour: a near tie (right vs left, down vs
     # up) flips it by half a map cell on rounding alone, so such a map has no unambiguous discrete answer
     grid = np.pad(np.asarray(heatmaps, np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=-np.inf)
@@ -140,7 +138,7 @@ def peaked(heatmaps: np.ndarray) -> np.ndarray:
     for a, b in steps:
         with np.errstate(invalid="ignore"):
             clear &= ~np.isfinite(a - b) | (np.abs(a - b) >= PEAK_MARGIN)
-    return (contrast >= PEAK_CONTRAST) & (top - np.maximum(rival, beside) >= PEAK_MARGIN) & clear
+    return (contrast >= PEAK_CONTRAST) & (top - second >= PEAK_MARGIN) & clear
 
 
 def parity(model: HeatmapNet, loss: str, runtime: OnnxHeatmaps, images: np.ndarray, sigma: float,
