@@ -93,6 +93,20 @@ def test_onnxruntime_matches_torch_heatmaps_and_decoded_points(exported, crops, 
         assert heat.min() >= 0 and heat.max() <= 1  # the sigmoid is in the graph
 
 
+def test_exported_files_name_no_path_of_the_machine_that_exported_them(exported, int8_layout):
+    """torch's exporter records a stack trace per node with the absolute paths of the source files; they are dropped,
+    so a clone anywhere exports the same bytes (DVC's hash of exports/ too) and a shipped file names no local path."""
+    import onnx
+
+    for path in (exported["mse"][1], exported["bce"][1], int8_layout["int8"]):
+        data = path.read_bytes()
+        assert str(ROOT).encode() not in data and b"facemarks/training/model.py" not in data, path
+        keys = {m.key for n in onnx.load(str(path)).graph.node for m in n.metadata_props}
+        assert export.STACK_TRACE_KEY not in keys, (path, keys)
+    assert "pkg.torch.onnx.name_scopes" in {m.key for n in onnx.load(str(exported["mse"][1])).graph.node
+                                            for m in n.metadata_props}  # the rest of the exporter's notes stay
+
+
 def test_batch_axis_is_dynamic_and_batching_changes_nothing(exported, crops):
     runtime = OnnxHeatmaps(exported["mse"][1])
     whole = runtime(crops, batch_size=64)

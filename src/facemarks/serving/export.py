@@ -49,6 +49,7 @@ POINT_TOLERANCE_PX = 1e-2
 MLFLOW_NAME = "onnx_model"  # the ONNX model's name in the train run, beside the PyTorch ``model``
 # Points are compared only on peaked maps (:func:`peaked`): on a flat map (an untrained or collapsed model) every
 # decoder is ill-conditioned, and two backends whose heatmaps agree to 1e-7 can decode points pixels apart.
+STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"  # node metadata of torch's dynamo exporter: absolute source paths
 PEAK_CONTRAST = 0.1  # max - median of the map, in target units (targets peak at 1)
 PEAK_MARGIN = 10 * HEATMAP_TOLERANCE  # the max beats every other value (its neighbours too) by this
 
@@ -71,10 +72,27 @@ class HeatmapsModule(nn.Module):
         return outputs_to_heatmaps(self.model(images), self.loss)
 
 
+def drop_stack_traces(graph) -> None:
+    """Remove the exporter's per-node :data:`STACK_TRACE_KEY` entries from ``graph`` and its subgraphs, in place:
+    they name the absolute paths of the source files that traced the model, so the same model exported from two
+    clones (or two machines) would give two files, and a shipped file would carry the exporting machine's paths."""
+    for node in graph.node:
+        keep = [(m.key, m.value) for m in node.metadata_props if m.key != STACK_TRACE_KEY]
+        if len(keep) != len(node.metadata_props):
+            del node.metadata_props[:]
+            for key, value in keep:
+                node.metadata_props.add(key=key, value=value)
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                drop_stack_traces(sub)
+
+
 def save_with_metadata(proto, meta: dict[str, str], path: str | Path) -> Path:
-    """Replace the ONNX model's metadata with ``meta``, check the model and write it to ``path`` atomically."""
+    """Replace the ONNX model's metadata with ``meta``, drop the exporter's stack traces (:func:`drop_stack_traces`),
+    check the model and write it to ``path`` atomically."""
     import onnx
 
+    drop_stack_traces(proto.graph)
     del proto.metadata_props[:]
     for key, value in meta.items():
         proto.metadata_props.add(key=key, value=value)
