@@ -350,7 +350,10 @@ def test_int8_accuracy_detects_a_damaged_quantisation(tmp_path, int8_layout, cro
     assert good["nme_fp32"] == bad["nme_fp32"]  # the same fp32 reference run
     assert bad["max_nme_delta"] > 2.0 and bad["max_nme_delta"] > 4 * max(good["max_nme_delta"], 0.05), (good, bad)
     assert bad["mean_abs_heatmap_diff"] > 2 * good["mean_abs_heatmap_diff"]
-    verdict = export.int8_verdict({"test": good, "photos": bad}, tolerance=1.0)
+    # a tolerance between the two: on 6 random crops of a fitted random model the good twin itself moves by a few
+    # points with 7-bit weights (the range CPUs without VNNI get), 0.3 with 8-bit; the damaged one by 20+
+    verdict = export.int8_verdict({"test": good, "photos": bad},
+                                  tolerance=(good["max_nme_delta"] + bad["max_nme_delta"]) / 2)
     assert not verdict["ok"] and verdict["failed"] == ["photos"] and verdict["max_nme_delta"] == bad["max_nme_delta"]
     assert export.int8_verdict({"test": good}, tolerance=good["max_nme_delta"])["ok"]
     assert not export.int8_verdict({"test": good}, tolerance=-1)["ok"]
