@@ -75,7 +75,8 @@ def main() -> None:
           f"{parts['train_face_cpu_ms']:.2f} ms")
     atomic_write_json("metrics/bench_augment.json", {
         "images": args.images, "size": args.size, "copies": cfg.copies, "cpu_count": os.cpu_count(),
-        "machine": platform.machine(), "processor": cpuinfo.describe(), "load_average": os.getloadavg()[0], "workers": rows,
+        "machine": platform.machine(), "processor": cpuinfo.describe(), "load_average": os.getloadavg()[0],
+        "workers": rows,
         "speedup_2_vs_1": round(speedup, 2),
         **{k: round(v, 3) for k, v in parts.items()}})
 

@@ -114,7 +114,8 @@ def main() -> None:
         print(f"{k:44s}" + "".join(f"{r[k]:12,.1f}" for r in rows))
     result = {
         "sigma": sigma, "faces": args.faces, "keypoints": K, "torch_threads_encode": THREADS,
-        "cpu_count": os.cpu_count(), "machine": platform.machine(), "processor": cpuinfo.describe(), "torch": torch.__version__,
+        "cpu_count": os.cpu_count(), "machine": platform.machine(), "processor": cpuinfo.describe(),
+        "torch": torch.__version__,
         "load_average_1min": os.getloadavg()[0], "batch": args.batch,
         "goal_encode_faces_per_s": 5000, "goal_encode_vs_loop": 20,
         "sizes": {f"{r['heatmap_size']}x{r['heatmap_size']}": r for r in rows},

@@ -398,7 +398,8 @@ def main() -> None:
             dlib is None or goal_int8 < best["dlib"])),
         "goal_whole_photo_ratio": GOAL_WHOLE_RATIO, "int8_b1_default_threads": int8_b1,
         "load_average_1min": [load_before[0], load_after[0]],
-        "rounds_ms": rounds, "machine": platform.machine(), "processor": cpuinfo.describe(), "cpu_count": os.cpu_count(),
+        "rounds_ms": rounds, "machine": platform.machine(), "processor": cpuinfo.describe(),
+        "cpu_count": os.cpu_count(),
         "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
     })
 

@@ -143,7 +143,8 @@ def main() -> None:
         r["same_weights_as_reference"] = r["weights_sha256"] == ref
         r["same_weights_as_pinned"] = r["weights_sha256"] == pinned
     result = {"preset": a.preset, "overrides": a.set, "loss": a.loss, "epochs": params.train.epochs_phase1 + params.train.epochs_phase2,
-              "input_size": params.augment.size, "machine": {"cpu": platform.processor() or platform.machine(), "processor": cpuinfo.describe(),
+              "input_size": params.augment.size, "machine": {"cpu": platform.processor() or platform.machine(),
+                                                             "processor": cpuinfo.describe(),
                                                              "cores": os.cpu_count(),
                                                              "load_avg_1min": round(os.getloadavg()[0], 2)},
               "settings": rows}

@@ -47,9 +47,9 @@ HEATMAP_TOLERANCE = 1e-4  # max |onnxruntime - torch| over every heatmap value
 # 0.025 NME points at a 40 px inter-ocular distance: far below any accuracy that matters, far above rounding.
 POINT_TOLERANCE_PX = 1e-2
 MLFLOW_NAME = "onnx_model"  # the ONNX model's name in the train run, beside the PyTorch ``model``
+STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"  # node metadata of torch's dynamo exporter: absolute source paths
 # Points are compared only on peaked maps (:func:`peaked`): on a flat map (an untrained or collapsed model) every
 # decoder is ill-conditioned, and two backends whose heatmaps agree to 1e-7 can decode points pixels apart.
-STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"  # node metadata of torch's dynamo exporter: absolute source paths
 PEAK_CONTRAST = 0.1  # max - median of the map, in target units (targets peak at 1)
 PEAK_MARGIN = 10 * HEATMAP_TOLERANCE  # the max beats every other value (its neighbours too) by this
 
