@@ -165,12 +165,15 @@ class EmulatedHeatmaps(_Memo):
     def __init__(self, path: str | Path, cpu: str, emulator: str = EMULATOR, threads: int = THREADS,
                  python: str = sys.executable, chunk: int | None = None, pause_while: Path | None = None,
                  cache: Path | None = None):
+        from facemarks.core.hashing import file_sha256
+        from facemarks.serving.export import read_metadata
+
         super().__init__(pause_while)
         self.path, self.cpu, self.threads, self.python = Path(path), cpu, int(threads), python
         self.prefix = shlex.split(emulator.format(cpu=cpu))
-        self.input_size = int(onnx_metadata(self.path)["input_size"])
+        self.input_size = int(read_metadata(self.path)["input_size"])
         self.chunk, self.cache = chunk, None if cache is None else Path(cache)
-        self.model_sha = hashlib.sha256(self.path.read_bytes()).hexdigest()
+        self.model_sha = file_sha256(self.path)
         self.reported: dict | None = None
 
     def compute(self, images: np.ndarray, batch_size: int) -> np.ndarray:
@@ -213,12 +216,6 @@ def runner(path: str | Path, cpu: str, emulator: str = EMULATOR, threads: int = 
     if cpu == NATIVE:
         return NativeHeatmaps(path, threads, options.get("pause_while"))
     return EmulatedHeatmaps(path, cpu, emulator, threads, **options)
-
-
-def onnx_metadata(path: str | Path) -> dict[str, str]:
-    import onnx
-
-    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
 
 
 # ------------------------------------------------------------------------------------------------ the study
