@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,21 @@ ROOT = Path(__file__).resolve().parents[1]
 #: two threads when the suite runs in one process (``-n 0``).
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 THREADS = 1 if WORKERS > 1 else 2
+
+# Keys that would differ between two reproductions of the same commit (wall clock, machine load, MLflow ids, the CPU):
+# they belong in timings/<stage>.json, benchmark files and MLflow, never in a DVC metrics or plots file.
+VOLATILE = re.compile(r"(seconds|per_s\b|_per_s|per_cpu|ms_per|_ms\b|speed|time|duration|load|run_id|cpu)", re.I)
+
+
+def json_keys(obj, prefix: str = ""):
+    """Every key of a JSON document, dotted (``"mse.ms_per_face"``), inside lists too."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield f"{prefix}{k}"
+            yield from json_keys(v, f"{prefix}{k}.")
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from json_keys(v, prefix)
 os.environ["OMP_NUM_THREADS"] = str(THREADS)  # before anything imports torch in this process
 #: Tests sharing a session fixture run on one worker, so each such fixture is built once: the groups below, heaviest
 #: first (the scheduler hands them out in this order); every other test stays with its module (module fixtures).

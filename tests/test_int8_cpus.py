@@ -15,6 +15,7 @@ import torch
 import yaml
 from torch import nn
 
+from conftest import VOLATILE, json_keys
 from facemarks.core.store import write_split
 from facemarks.serving import export
 
@@ -22,8 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
 QEMU = shutil.which("qemu-x86_64")
 needs_qemu = pytest.mark.skipif(QEMU is None, reason="qemu-x86_64 (apt-get install qemu-user) is not installed")
-# metrics files hold no timings: no key may contain these
-TIMING_WORDS = ("seconds", "per_s", "per_cpu", "ms_per", "_ms", "speed", "time", "duration", "load", "run_id", "cpu")
 
 
 def load_study():
@@ -152,14 +151,6 @@ def tiny_workspace(root: Path, crops: np.ndarray, fp32: Path) -> Path:
     return ws
 
 
-def keys(obj) -> set[str]:
-    if isinstance(obj, dict):
-        return set(obj) | {k for v in obj.values() for k in keys(v)}
-    if isinstance(obj, list):
-        return {k for v in obj for k in keys(v)}
-    return set()
-
-
 @needs_qemu
 def test_the_study_runs_end_to_end_on_native_and_epyc_rome(tmp_path, models, crops, capsys):
     ws = tiny_workspace(tmp_path, crops, models["fp32"])
@@ -177,7 +168,7 @@ def test_the_study_runs_end_to_end_on_native_and_epyc_rome(tmp_path, models, cro
     assert doc["emulated"]["EPYC-Rome"]["emulator"] == "qemu-x86_64 -cpu EPYC-Rome"
     assert not doc["emulated"]["EPYC-Rome"]["features_reported"]["vnni"]
     assert doc["host_processor"]["model"] and doc["ort_version"] == doc["emulated"]["EPYC-Rome"]["ort_version"]
-    assert not [k for k in keys(doc) if any(w in k for w in TIMING_WORDS)]
+    assert not [k for k in json_keys(doc) if VOLATILE.search(k)]  # a metrics file: no timings
     printed = capsys.readouterr().out
     assert "| EPYC-Rome | mse | reduced |" in printed and "wrote" in printed
     assert list(ws.glob("exports/mse/*")) == [ws / "exports" / "mse" / "model.onnx"]  # nothing written there

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import DVC, sh
+from conftest import DVC, VOLATILE, json_keys, sh
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -174,18 +174,6 @@ def test_exp_run_creates_run_tagged_with_experiment_name(tiny_repo):
     assert (tiny_repo / "reports/study/probe/nme_vs_budget.png").stat().st_size > 0
 
 
-# Keys that would differ between two reproductions of the same commit (wall clock, machine load, MLflow ids):
-# they belong in timings/<stage>.json and MLflow, never in a DVC metrics or plots file.
-VOLATILE = re.compile(r"(seconds|per_s\b|_per_s|per_cpu|ms_per|_ms\b|speed|time|duration|load|run_id|cpu)", re.I)
-
-
-def _keys(obj, prefix=""):
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield f"{prefix}{k}"
-            yield from _keys(v, f"{prefix}{k}.")
-
-
 def test_same_params_and_seed_give_identical_metrics_and_an_empty_metrics_diff(tiny_repo, team_repo, tmp_path,
                                                                              tmp_path_factory):
     """Two reproductions of one commit (in two directories, one logging to SQLite, one to an MLflow server) write
@@ -199,7 +187,7 @@ def test_same_params_and_seed_give_identical_metrics_and_an_empty_metrics_diff(t
     assert not differ, f"metrics files differ between two identical runs: {differ}"
     for name in names:
         if name.endswith(".json"):
-            volatile = [k for k in _keys(json.loads((first / name).read_text())) if VOLATILE.search(k)]
+            volatile = [k for k in json_keys(json.loads((first / name).read_text())) if VOLATILE.search(k)]
             assert not volatile, f"metrics/{name} holds timing-like keys: {volatile}"
         else:
             header = (first / name).read_text().splitlines()[0].split(",")
