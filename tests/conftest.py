@@ -1,6 +1,7 @@
 """Shared fixtures: a throwaway copy of this repository on the tiny preset, with its own git, DVC and MLflow store."""
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -85,6 +86,30 @@ def make_repo(dest: Path, preset: str | None = "tiny") -> Path:
     return dest
 
 
+#: Folders of a reproduced repo whose files are written once and never in place: DVC's content-addressed cache, the
+#: MLflow artifact store, and the stage outputs and checkpoints, which the stages replace atomically (a new file
+#: renamed over the old). :func:`clone_repo` hard-links their files instead of copying them (DVC's run cache, beside
+#: ``files``, is copied).
+WRITE_ONCE = (".dvc/cache/files", "mlruns", "checkpoints", "models", "exports")
+
+
+def clone_repo(src: Path, dest: Path) -> Path:
+    """A working copy of the reproduced repo ``src`` at ``dest`` for one test to change: every file copied, except
+    those under :data:`WRITE_ONCE`, which are hard-linked (a tiny repo after a few experiments holds 2 GB of weights,
+    ONNX files and MLflow artifacts; copied once per test they filled the disk of a CI runner). A writer there
+    replaces the link, so ``src`` keeps its bytes: :func:`tiny_repo` checks its cache (:func:`corrupt_cache_objects`)
+    after the last test that cloned it."""
+    def copy(s: str, d: str) -> str:
+        rel = Path(s).relative_to(src).as_posix()
+        if any(rel.startswith(f"{top}/") for top in WRITE_ONCE):
+            os.link(s, d)
+            return d
+        return shutil.copy2(s, d)
+
+    shutil.copytree(src, dest, symlinks=True, copy_function=copy)
+    return dest
+
+
 def xdist_group(item: pytest.Item) -> str:
     """The work unit of ``item`` for ``--dist loadgroup``: the first of :data:`SHARED_GROUPS` whose fixtures it uses
     (directly or through another fixture), else its module."""
@@ -130,14 +155,29 @@ def _no_mlflow_uri_leaks_between_tests():
 DVC = [sys.executable, "-m", "dvc"]
 
 
+def corrupt_cache_objects(repo: Path) -> list[str]:
+    """The objects of ``repo``'s DVC cache whose bytes no longer hash to their name (``files/md5/ab/cdef…``)."""
+    bad = []
+    for obj in sorted((repo / ".dvc/cache/files/md5").glob("*/*")):
+        with open(obj, "rb") as f:
+            digest = hashlib.file_digest(f, "md5").hexdigest()
+        if digest != obj.parent.name + obj.name.removesuffix(".dir"):
+            bad.append(str(obj.relative_to(repo)))
+    return bad
+
+
 @pytest.fixture(scope="session")
 def tiny_repo(tmp_path_factory) -> Path:
-    """A temp repo on the tiny preset where ``dvc repro`` has run once (shared by the pipeline tests)."""
+    """A temp repo on the tiny preset where ``dvc repro`` has run once (shared by the pipeline tests, which change
+    only their own :func:`clone_repo`). At the end of the session its cache must still be intact: a clone's
+    hard-linked object written in place would show there."""
     repo = make_repo(tmp_path_factory.mktemp("repo"))
     proc = sh(repo, *DVC, "repro")
     (repo / ".first_repro.log").write_text(proc.stdout + proc.stderr)
     shutil.copytree(repo / "metrics", tmp_path_factory.getbasetemp() / "first_metrics")
-    return repo
+    yield repo
+    bad = corrupt_cache_objects(repo)
+    assert not bad, f"tiny_repo's DVC cache changed under its clones: {bad[:5]}"
 
 
 # ------------------------------------------------------------------------------------------------ a team's setup

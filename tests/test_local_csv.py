@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import DVC, clone_repo, sh
 from facemarks.core import landmarks
 from facemarks.data import groups, local, sources
 from facemarks.augmentation.augment import run_augment
@@ -160,14 +161,10 @@ def test_the_shared_real_faces_read_whole_and_split_by_person(tmp_path):
 @pytest.mark.slow  # a dvc exp run of the tiny preset: download, augment, encode, both trainings, export, evaluate
 def test_exp_run_on_a_csv_folder_splits_by_person_trains_and_evaluates(tiny_repo, tmp_path):
     """What a user types: `dvc exp run -S data.source=local -S data.local.path=<folder> -S data.local.group=...`."""
-    import shutil
-
-    from conftest import DVC, sh
-
     folder = tmp_path / "faces"
     write_csv_folder(folder, people=10, frames=3)
     repo = tmp_path / "csv-exp"
-    shutil.copytree(tiny_repo, repo, symlinks=True)
+    clone_repo(tiny_repo, repo)
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "tiny reproduction", check=False)
     proc = sh(repo, *DVC, "exp", "run", "-n", "csv-faces", "-S", "data.source=local",

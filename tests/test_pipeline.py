@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import DVC, VOLATILE, json_keys, sh
+from conftest import DVC, VOLATILE, clone_repo, json_keys, pipeline_env, sh
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -207,12 +207,8 @@ def test_same_params_and_seed_give_identical_metrics_and_an_empty_metrics_diff(t
 
 def test_evaluate_runs_without_the_peers_extra(tiny_repo, tmp_path):
     """With dlib unimportable the evaluate stage still runs; the dlib68 row is skipped with a one-line notice."""
-    import shutil
-
-    from conftest import pipeline_env
-
     repo = tmp_path / "no-peers"
-    shutil.copytree(tiny_repo, repo)
+    clone_repo(tiny_repo, repo)
     block = tmp_path / "block"
     block.mkdir()
     (block / "sitecustomize.py").write_text("import sys\nsys.modules['dlib'] = None  # as if the extra were absent\n")
@@ -237,12 +233,10 @@ def test_adding_awing_to_the_losses_list_trains_only_awing_and_scores_three_loss
     """train.losses [mse, bce] -> [mse, bce, awing] (what `dvc exp run -S 'train.losses=[mse,bce,awing]'` writes):
     train@mse and train@bce stay cached (their params list every train.* key but `losses`); train@awing, export,
     evaluate and plot run, and every output covers the three losses, each pair compared on the same faces."""
-    import shutil
-
     import mlflow
 
     repo = tmp_path / "three"
-    shutil.copytree(tiny_repo, repo, symlinks=True)
+    clone_repo(tiny_repo, repo)
     assert stale(repo) == set()
     set_param(repo, "train.losses", ["mse", "bce", "awing"])
     assert stale(repo) == {"train@awing", "export", "evaluate", "plot"}
@@ -288,8 +282,6 @@ def _evaluate(repo, **params):
     """Set ``evaluate.*`` params in ``repo`` and run the evaluate stage script there (no DVC: the stage alone)."""
     import subprocess
 
-    from conftest import pipeline_env
-
     for key, value in params.items():
         set_param(repo, f"evaluate.{key}", value)
     return subprocess.run([sys.executable, "stages/evaluate.py"], cwd=repo, env=pipeline_env(repo),
@@ -297,10 +289,8 @@ def _evaluate(repo, **params):
 
 
 def test_evaluate_photos_bad_folder_fails_before_any_work_naming_the_key(tiny_repo, tmp_path):
-    import shutil
-
     repo = tmp_path / "bad-photos"
-    shutil.copytree(tiny_repo, repo, symlinks=True)
+    clone_repo(tiny_repo, repo)
     before = {p: (repo / p).read_bytes() for p in ("metrics/eval.json", "metrics/photos.csv", "metrics/detect.json")}
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -319,17 +309,15 @@ def test_evaluate_photos_bad_folder_fails_before_any_work_naming_the_key(tiny_re
 def test_evaluate_photos_scores_a_folder_with_and_without_markup(tiny_repo, tmp_path):
     """A user's folder: one photo with 300-W markup beside it (scored against it), one without (scored against
     dlib's points); the photos block, the per-face CSV, the MLflow run and the plot stage's contact sheet."""
-    import shutil
     import subprocess
 
     import mlflow
 
-    from conftest import pipeline_env
     from facemarks.evaluation import real_photos
     from facemarks.core.io import write_image, write_pts
 
     repo = tmp_path / "photos"
-    shutil.copytree(tiny_repo, repo, symlinks=True)
+    clone_repo(tiny_repo, repo)
     folder = tmp_path / "my photos"
     folder.mkdir()
     portraits = real_photos.photo_set(None)

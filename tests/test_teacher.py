@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import DVC, clone_repo, make_repo, pipeline_env, sh
 from facemarks.data import sources, teacher
 from facemarks.core.io import DataError, read_dlib_xml, read_image, write_image
 from facemarks.core.params import ParamsError, parse_params
@@ -239,8 +240,6 @@ def test_real_photos_with_several_faces_and_none(tmp_path):
 
 @pytest.mark.slow
 def test_download_stage_with_the_photos_source(folder, tmp_path):
-    from conftest import make_repo, pipeline_env
-
     repo = make_repo(tmp_path / "repo")
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["data"].update(source="photos", photos={"path": str(folder), "synthetic": 4, "repeat": 2,
@@ -269,10 +268,8 @@ def test_exp_run_with_the_photos_source_labels_mixes_trains_and_evaluates(folder
     """What a user types: `dvc exp run -S data.source=photos -S data.photos.path=<folder>` on the tiny preset labels
     the photos, mixes them with the synthetic faces, trains both losses and evaluates, the test faces from the photos
     counted as teacher-scored; pointing `evaluate.photos` at the training photos is then refused by image hash."""
-    from conftest import DVC, sh
-
     repo = tmp_path / "photos-exp"
-    shutil.copytree(tiny_repo, repo, symlinks=True)
+    clone_repo(tiny_repo, repo)
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "tiny reproduction", check=False)
     seed = _seed_with_a_portrait_in_each_split(folder, 0.34)
